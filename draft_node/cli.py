@@ -1,0 +1,136 @@
+"""`specwire` command line: run a target or draft node, generate against a draft node, or a demo."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+
+import grpc
+
+from draft_node.config import DraftConfig
+from draft_node.server import start_draft
+from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
+from target_node.config import TargetConfig
+from target_node.server import start_target
+
+DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
+
+
+def _setup_logging(level: str) -> None:
+    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _serve_until_signal(stop: Callable[[], None]) -> None:
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    done.wait()
+    stop()
+
+
+def stream_generate(stub: draft_pb2_grpc.DraftServiceStub, request: draft_pb2.GenerateRequest) -> dict:
+    """Print the completion as it streams; return a summary of the rounds."""
+    start = time.perf_counter()
+    tokens = rounds = drafted = accepted = 0
+    first_token_s = None
+    finish = ""
+    for chunk in stub.Generate(request):
+        first_token_s = first_token_s or time.perf_counter() - start
+        print(chunk.text, end="", flush=True)
+        tokens += len(chunk.token_ids)
+        if chunk.HasField("stats"):
+            rounds += 1
+            drafted += chunk.stats.drafted_tokens
+            accepted += chunk.stats.accepted_tokens
+        finish = chunk.finish_reason or finish
+    print()
+    elapsed = time.perf_counter() - start
+    return {
+        "tokens": tokens,
+        "rounds": rounds,
+        "finish_reason": finish,
+        "acceptance_rate": round(accepted / drafted, 3) if drafted else None,
+        "mean_acceptance_length": round(1 + accepted / rounds, 3) if rounds else None,
+        "ttft_s": round(first_token_s or 0.0, 3),
+        "seconds": round(elapsed, 3),
+        "tokens_per_s": round(tokens / elapsed, 3) if elapsed else None,
+    }
+
+
+def _print_summary(summary: dict) -> None:
+    print(" ".join(f"{key}={value}" for key, value in summary.items()), file=sys.stderr)
+
+
+def _generate_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("-k", "--num-speculative-tokens", type=int, default=0, help="0: the node's default")
+    parser.add_argument("--raw", action="store_true", help="send the prompt as is (no chat template)")
+    parser.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+
+
+def _request(prompt: str, args: argparse.Namespace) -> draft_pb2.GenerateRequest:
+    return draft_pb2.GenerateRequest(
+        prompt=prompt,
+        max_tokens=args.max_tokens,
+        apply_chat_template=not args.raw,
+        num_speculative_tokens=args.num_speculative_tokens,
+        stop=args.stop,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = argparse.ArgumentParser(prog="specwire", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("target", help="run a target node (flags: specwire target --help)", add_help=False)
+    sub.add_parser("draft", help="run a draft node (flags: specwire draft --help)", add_help=False)
+    generate = sub.add_parser("generate", help="stream a completion from a running draft node")
+    generate.add_argument("prompt")
+    generate.add_argument("--draft", default="127.0.0.1:50052", help="draft node address")
+    _generate_args(generate)
+    demo = sub.add_parser("demo", help="start a target and a draft on loopback and generate")
+    demo.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
+    demo.add_argument("--target-model", default=TargetConfig.model_fields["model"].default)
+    demo.add_argument("--draft-model", default=DraftConfig.model_fields["model"].default)
+    _generate_args(demo)
+
+    args, rest = parser.parse_known_args(argv)
+    if args.command == "target":
+        config = TargetConfig.from_cli(rest, "specwire target")
+        _setup_logging(config.log_level)
+        running = start_target(config)
+        _serve_until_signal(running.stop)
+    elif args.command == "draft":
+        config = DraftConfig.from_cli(rest, "specwire draft")
+        _setup_logging(config.log_level)
+        running = start_draft(config)
+        _serve_until_signal(running.stop)
+    elif rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    elif args.command == "generate":
+        with grpc.insecure_channel(args.draft) as channel:
+            _print_summary(
+                stream_generate(draft_pb2_grpc.DraftServiceStub(channel), _request(args.prompt, args))
+            )
+    else:
+        _setup_logging("INFO")
+        target = start_target(TargetConfig(model=args.target_model, port=0))
+        draft = start_draft(DraftConfig(model=args.draft_model, port=0, target=f"127.0.0.1:{target.port}"))
+        try:
+            with grpc.insecure_channel(f"127.0.0.1:{draft.port}") as channel:
+                _print_summary(
+                    stream_generate(draft_pb2_grpc.DraftServiceStub(channel), _request(args.prompt, args))
+                )
+        finally:
+            draft.stop()
+            target.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,33 @@
+"""Draft node settings: env vars SPECWIRE_DRAFT_* or `specwire draft --flag`."""
+
+from __future__ import annotations
+
+from typing import Self
+
+from pydantic import Field, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from services.config import NodeConfig
+
+
+class DraftConfig(NodeConfig):
+    model_config = SettingsConfigDict(env_prefix="SPECWIRE_DRAFT_")
+
+    model: str = Field("qwen2.5-coder-0.5b-instruct", description="draft model")
+    port: int = Field(50052, description="gRPC port of the DraftService (0: pick a free one)")
+    target: str = Field("127.0.0.1:50051", description="target node address host:port")
+    num_speculative_tokens: int = Field(3, ge=0, le=32, description="K: draft tokens per round")
+    max_tokens: int = Field(128, ge=1, description="default completion length")
+    max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
+    max_prompt_chars: int = Field(200_000, ge=1, description="longest prompt text accepted")
+    target_timeout_s: float = Field(120.0, gt=0, description="deadline for unary calls to the target")
+    generation_timeout_s: float = Field(
+        3600.0, gt=0, description="deadline for one generation's verify stream"
+    )
+    workers: int = Field(16, ge=1, description="gRPC server threads (concurrent generations)")
+
+    @model_validator(mode="after")
+    def _default_within_limit(self) -> Self:
+        if self.max_tokens > self.max_tokens_limit:
+            raise ValueError(f"max_tokens {self.max_tokens} exceeds max_tokens_limit {self.max_tokens_limit}")
+        return self

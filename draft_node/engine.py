@@ -1,0 +1,145 @@
+"""The draft node's generation engine: tokenize, open a target session, run rounds, stream chunks."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Iterator
+
+from draft_node.config import DraftConfig
+from draft_node.detokenizer import IncrementalDetokenizer
+from draft_node.proposers.hf import HFProposer
+from draft_node.speculative import RoundOutcome, speculative_rounds
+from draft_node.target_client import TargetClient
+from services.errors import FailedPrecondition, InvalidArgument
+from services.model_loading import LoadedModel
+from services.rpc.specwire.v1 import draft_pb2, target_pb2
+from services.tokenizer_fingerprint import tokenizer_fingerprint
+
+log = logging.getLogger(__name__)
+
+
+def eos_token_ids(loaded: LoadedModel) -> set[int]:
+    """EOS ids from the tokenizer and the generation config (instruct models often list several)."""
+    ids = {loaded.tokenizer.eos_token_id}
+    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+class DraftEngine:
+    """Shared by all concurrent generations: one draft model, one target connection."""
+
+    def __init__(self, loaded: LoadedModel, target: TargetClient, config: DraftConfig) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.target = target
+        self.config = config
+        self.fingerprint = tokenizer_fingerprint(loaded.tokenizer)
+        self.eos_ids = eos_token_ids(loaded)
+        self._forward_lock = threading.Lock()
+        self._target_info: target_pb2.InfoResponse | None = None
+
+    def target_info(self) -> target_pb2.InfoResponse:
+        """The target's info, fetched once; refuses a target with another tokenizer."""
+        if self._target_info is None:
+            info = self.target.info()
+            if info.tokenizer_fingerprint != self.fingerprint:
+                raise FailedPrecondition(
+                    f"draft model {self.loaded.model_id} and target model {info.model_id} use different "
+                    "tokenizers; speculative decoding needs one shared vocabulary"
+                )
+            self._target_info = info
+        return self._target_info
+
+    def encode_prompt(self, request: draft_pb2.GenerateRequest) -> list[int]:
+        if not request.prompt:
+            raise InvalidArgument("prompt is empty")
+        if len(request.prompt) > self.config.max_prompt_chars:
+            raise InvalidArgument(
+                f"prompt has {len(request.prompt)} characters; the limit is {self.config.max_prompt_chars}"
+            )
+        if request.apply_chat_template:
+            if not self.tokenizer.chat_template:
+                raise InvalidArgument(f"model {self.loaded.model_id} has no chat template")
+            ids = self.tokenizer.apply_chat_template(
+                [{"role": "user", "content": request.prompt}],
+                add_generation_prompt=True,
+                tokenize=True,
+                return_dict=False,
+            )
+        else:
+            ids = self.tokenizer.encode(request.prompt)
+        return [int(i) for i in ids]
+
+    def generate(self, request: draft_pb2.GenerateRequest) -> Iterator[draft_pb2.GenerateChunk]:
+        """Stream one chunk for the target's first token, then one per speculative round."""
+        prompt_ids = self.encode_prompt(request)
+        max_tokens = request.max_tokens or self.config.max_tokens
+        if max_tokens > self.config.max_tokens_limit:
+            raise InvalidArgument(f"max_tokens {max_tokens} above the limit {self.config.max_tokens_limit}")
+        k = request.num_speculative_tokens or self.config.num_speculative_tokens
+        if k > 32:
+            raise InvalidArgument(f"num_speculative_tokens {k} above the limit 32")
+        info = self.target_info()
+        if len(prompt_ids) > info.limits.max_prompt_tokens:
+            raise InvalidArgument(
+                f"prompt has {len(prompt_ids)} tokens; the target's limit is {info.limits.max_prompt_tokens}"
+            )
+        k = min(k, info.limits.max_tree_nodes)
+
+        session = self.target.open_session(prompt_ids, self.fingerprint)
+        detokenizer = IncrementalDetokenizer(self.tokenizer, request.stop)
+        produced = 0
+        try:
+            chunk = self._chunk([session.first_token_id], None, detokenizer, produced + 1 >= max_tokens)
+            produced += 1
+            yield chunk
+            if chunk.finish_reason:
+                return
+            proposer = HFProposer(self.loaded.model, self._forward_lock)
+            rounds = speculative_rounds(
+                proposer,
+                session,
+                [*prompt_ids, session.first_token_id],
+                k,
+                max_tokens - produced,
+                info.limits.max_context_tokens,
+            )
+            for outcome in rounds:
+                produced += len(outcome.token_ids)
+                chunk = self._chunk(outcome.token_ids, outcome, detokenizer, produced >= max_tokens)
+                yield chunk
+                if chunk.finish_reason:
+                    return
+            yield draft_pb2.GenerateChunk(text=detokenizer.add([], final=True), finish_reason="length")
+        finally:
+            session.close()
+
+    def _chunk(
+        self,
+        token_ids: list[int],
+        outcome: RoundOutcome | None,
+        detokenizer: IncrementalDetokenizer,
+        at_limit: bool,
+    ) -> draft_pb2.GenerateChunk:
+        finish = ""
+        eos_at = next((i for i, t in enumerate(token_ids) if t in self.eos_ids), None)
+        if eos_at is not None:
+            token_ids, finish = token_ids[:eos_at], "stop"
+        elif at_limit:
+            finish = "length"
+        text = detokenizer.add(token_ids, final=bool(finish))
+        if detokenizer.stopped:
+            finish = "stop"
+        stats = None
+        if outcome is not None:
+            stats = draft_pb2.RoundStats(
+                round=outcome.round_id,
+                drafted_tokens=outcome.drafted,
+                accepted_tokens=outcome.accepted,
+                draft_seconds=outcome.draft_seconds,
+                verify_seconds=outcome.verify_seconds,
+                round_seconds=outcome.round_seconds,
+            )
+        return draft_pb2.GenerateChunk(text=text, token_ids=token_ids, stats=stats, finish_reason=finish)

@@ -1,0 +1,66 @@
+"""The speculative loop: draft K tokens, verify them on the target, commit accepted + next token."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Protocol
+
+from services.candidate_tree import CandidateTree
+from services.rpc.specwire.v1 import target_pb2
+
+
+class Proposer(Protocol):
+    def propose(self, context: list[int], k: int) -> list[int]: ...
+
+
+class Verifier(Protocol):
+    def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse: ...
+
+
+@dataclass
+class RoundOutcome:
+    round_id: int
+    token_ids: list[int]  # committed this round: accepted draft tokens, then the target's next token
+    drafted: int
+    accepted: int
+    draft_seconds: float
+    verify_seconds: float  # target-side forward + decision
+    round_seconds: float  # wall clock of the whole round (draft + network + verify)
+
+
+def speculative_rounds(
+    proposer: Proposer, target: Verifier, context: list[int], k: int, max_new_tokens: int, max_context: int
+) -> Iterator[RoundOutcome]:
+    """Run rounds until `max_new_tokens` more tokens are committed or the context is full.
+
+    `context` is the prompt plus every token produced so far; its last token is the target's
+    pending token (chosen by the target, not yet in its KV cache). The caller may stop early
+    (EOS, stop strings) by closing the generator.
+    """
+    context = list(context)
+    produced = 0
+    for round_id in itertools.count():
+        remaining = max_new_tokens - produced
+        if remaining <= 0 or len(context) > max_context:
+            return
+        # never draft past what the caller wants, nor past the target's context limit
+        k_round = max(0, min(k, remaining - 1, max_context - len(context)))
+        start = time.perf_counter()
+        draft = proposer.propose(context, k_round)
+        drafted_at = time.perf_counter()
+        result = target.verify(CandidateTree.from_sequences([draft]))
+        committed = [*result.accepted_token_ids, result.next_token_id][:remaining]
+        context += committed
+        produced += len(committed)
+        yield RoundOutcome(
+            round_id=round_id,
+            token_ids=committed,
+            drafted=len(draft),
+            accepted=len(result.accepted_token_ids),
+            draft_seconds=drafted_at - start,
+            verify_seconds=result.verify_seconds,
+            round_seconds=time.perf_counter() - start,
+        )

@@ -1,0 +1,107 @@
+"""The candidate trie a draft sends each round: parent index + token per node, optional sparse q.
+
+N sampled continuations share prefixes; merging them into a trie means the target computes each
+shared prefix once. Node order is topological (a parent precedes its children).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from services.errors import InvalidArgument
+from services.rpc.specwire.v1 import target_pb2
+
+ROOT = -1  # parent index of the nodes that follow the pending token
+
+
+@dataclass
+class SparseProbs:
+    token_ids: list[int]
+    probs: list[float]
+
+
+@dataclass
+class CandidateTree:
+    parents: list[int] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    draft_probs: list[SparseProbs] = field(default_factory=list)  # empty, or one per node
+
+    def __len__(self) -> int:
+        return len(self.token_ids)
+
+    @classmethod
+    def from_sequences(cls, sequences: Sequence[Sequence[int]]) -> CandidateTree:
+        """Merge candidate token sequences into a trie (identical prefixes become one path)."""
+        tree = cls()
+        children: dict[tuple[int, int], int] = {}
+        for sequence in sequences:
+            parent = ROOT
+            for token in sequence:
+                node = children.get((parent, token))
+                if node is None:
+                    node = len(tree.token_ids)
+                    tree.parents.append(parent)
+                    tree.token_ids.append(int(token))
+                    children[(parent, token)] = node
+                parent = node
+        return tree
+
+    def depths(self) -> list[int]:
+        """Depth of each node (children of the pending token have depth 1)."""
+        depths: list[int] = []
+        for parent in self.parents:
+            depths.append(1 if parent == ROOT else depths[parent] + 1)
+        return depths
+
+    def path_to(self, node: int) -> list[int]:
+        """Node ids from the root's child down to `node`."""
+        path = []
+        while node != ROOT:
+            path.append(node)
+            node = self.parents[node]
+        return path[::-1]
+
+    def validate(self, vocab_size: int, max_nodes: int) -> None:
+        """Raise InvalidArgument for any malformed trie; afterwards the trie is safe to index."""
+        n = len(self.token_ids)
+        if len(self.parents) != n:
+            raise InvalidArgument(f"tree has {len(self.parents)} parents but {n} tokens")
+        if n > max_nodes:
+            raise InvalidArgument(f"tree has {n} nodes; the limit is {max_nodes}")
+        for i, (parent, token) in enumerate(zip(self.parents, self.token_ids, strict=True)):
+            if not ROOT <= parent < i:
+                raise InvalidArgument(f"node {i}: parent {parent} must be -1 or an earlier node (0..{i - 1})")
+            if not 0 <= token < vocab_size:
+                raise InvalidArgument(f"node {i}: token id {token} outside the vocabulary [0, {vocab_size})")
+        if self.draft_probs and len(self.draft_probs) != n:
+            raise InvalidArgument(f"tree has {len(self.draft_probs)} draft distributions for {n} nodes")
+        for i, q in enumerate(self.draft_probs):
+            if len(q.token_ids) != len(q.probs):
+                raise InvalidArgument(
+                    f"node {i}: draft q has {len(q.token_ids)} ids but {len(q.probs)} probs"
+                )
+            if any(not 0 <= t < vocab_size for t in q.token_ids):
+                raise InvalidArgument(f"node {i}: draft q has a token id outside the vocabulary")
+            if any(not math.isfinite(p) or p < 0 for p in q.probs):
+                raise InvalidArgument(f"node {i}: draft q has a negative or non-finite probability")
+            if sum(q.probs) > 1 + 1e-3:
+                raise InvalidArgument(f"node {i}: draft q sums to {sum(q.probs):.6f} > 1")
+
+    def to_proto(self) -> target_pb2.CandidateTree:
+        return target_pb2.CandidateTree(
+            parents=self.parents,
+            token_ids=self.token_ids,
+            draft_probs=[
+                target_pb2.SparseDistribution(token_ids=q.token_ids, probs=q.probs) for q in self.draft_probs
+            ],
+        )
+
+    @classmethod
+    def from_proto(cls, message: target_pb2.CandidateTree) -> CandidateTree:
+        return cls(
+            parents=list(message.parents),
+            token_ids=list(message.token_ids),
+            draft_probs=[SparseProbs(list(q.token_ids), list(q.probs)) for q in message.draft_probs],
+        )

@@ -1,0 +1,78 @@
+"""Errors with a gRPC status code, and the decorator that turns them into aborts.
+
+Node code raises these (never grpc-specific calls), so engines stay testable without gRPC and
+every bad input reaches the client as a precise status instead of UNKNOWN.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import grpc
+
+log = logging.getLogger(__name__)
+
+
+class SpecwireError(Exception):
+    code = grpc.StatusCode.INTERNAL
+
+
+class InvalidArgument(SpecwireError):
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+
+class NotFound(SpecwireError):
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class FailedPrecondition(SpecwireError):
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class ResourceExhausted(SpecwireError):
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class OutOfRange(SpecwireError):
+    code = grpc.StatusCode.OUT_OF_RANGE
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+    if isinstance(exc, SpecwireError):
+        context.abort(exc.code, str(exc))
+    if isinstance(exc, grpc.RpcError) and isinstance(
+        exc, grpc.Call
+    ):  # an upstream call failed: keep its code
+        context.abort(exc.code(), f"upstream: {exc.details()}")
+    log.exception("internal error")
+    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+
+
+def grpc_errors(method: F) -> F:
+    """Map SpecwireError (and unexpected exceptions) of a servicer method to a gRPC status."""
+    if inspect.isgeneratorfunction(method):
+
+        @functools.wraps(method)
+        def stream_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+            try:
+                yield from method(self, request, context)
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                _abort(context, exc)
+
+        return stream_wrapper  # type: ignore[return-value]
+
+    @functools.wraps(method)
+    def unary_wrapper(self: Any, request: Any, context: grpc.ServicerContext) -> Any:
+        try:
+            return method(self, request, context)
+        except Exception as exc:  # noqa: BLE001
+            _abort(context, exc)
+
+    return unary_wrapper  # type: ignore[return-value]

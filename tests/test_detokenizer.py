@@ -1,0 +1,37 @@
+from __future__ import annotations
+
+from draft_node.detokenizer import IncrementalDetokenizer
+
+
+def stream(tokenizer, ids, stop=(), step=1):
+    detok = IncrementalDetokenizer(tokenizer, stop)
+    pieces = [detok.add(ids[i : i + step]) for i in range(0, len(ids), step)]
+    if not detok.stopped:
+        pieces.append(detok.add([], final=True))
+    return pieces, detok
+
+
+def test_streamed_text_equals_full_decode(target_model):
+    tok = target_model.tokenizer
+    ids = tok.encode("def add(a, b):\n    return a + b  # é ü 🙂")
+    for step in (1, 2, 3):
+        pieces, _ = stream(tok, ids, step=step)
+        assert "".join(pieces) == tok.decode(ids)
+        assert all("\ufffd" not in p for p in pieces)
+
+
+def test_stop_string_is_cut_and_never_leaks(target_model):
+    tok = target_model.tokenizer
+    ids = tok.encode("for i in range(10):\n    print(i)")
+    pieces, detok = stream(tok, ids, stop=["range(1"])
+    assert "".join(pieces) == "for i in "
+    assert detok.stopped
+    # no emitted prefix ever contained part of the stop string past the cut
+    assert all("ran" not in p for p in pieces)
+
+
+def test_unmatched_stop_string_releases_held_text(target_model):
+    tok = target_model.tokenizer
+    ids = tok.encode("print(i)")
+    pieces, detok = stream(tok, ids, stop=["i)zzz"])
+    assert "".join(pieces) == "print(i)" and not detok.stopped

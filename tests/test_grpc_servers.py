@@ -1,0 +1,114 @@
+"""Both servers over real gRPC on 127.0.0.1: status codes, health, reflection, tokenizer check."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from services.rpc.specwire.v1 import draft_pb2, target_pb2
+from tests.helpers import collect
+
+
+def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        result = call(*args, **kwargs)
+        if hasattr(result, "__iter__") and not hasattr(result, "SerializeToString"):
+            list(result)
+    return info.value
+
+
+def test_target_info_and_session_lifecycle(target_model, pair_factory, tiny):
+    pair = pair_factory(tiny.draft_noisy)
+    info = pair.target_stub.Info(target_pb2.InfoRequest())
+    assert info.strategies == ["deterministic", "probabilistic", "threshold", "topk", "typical"]
+    assert info.lossy_strategies == ["threshold", "topk", "typical"]
+    assert info.vocab_size == target_model.model.config.vocab_size
+    assert info.limits.max_tree_nodes == 64
+    prompt = target_model.tokenizer.encode("def add")
+    opened = pair.target_stub.OpenSession(
+        target_pb2.OpenSessionRequest(
+            prompt_token_ids=prompt, tokenizer_fingerprint=info.tokenizer_fingerprint
+        )
+    )
+    assert opened.context_length == len(prompt)
+    result = pair.target_stub.Verify(
+        target_pb2.VerifyRequest(
+            session_id=opened.session_id,
+            round_id=0,
+            tree=target_pb2.CandidateTree(parents=[-1], token_ids=[opened.first_token_id]),
+        )
+    )
+    assert result.context_length == len(prompt) + 1 + len(result.accepted_token_ids)
+    assert pair.target_stub.CloseSession(target_pb2.CloseSessionRequest(session_id=opened.session_id)).closed
+    assert not pair.target_stub.CloseSession(
+        target_pb2.CloseSessionRequest(session_id=opened.session_id)
+    ).closed
+    err = rpc_error(
+        pair.target_stub.Verify, target_pb2.VerifyRequest(session_id=opened.session_id, round_id=1)
+    )
+    assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_verify_stream_rounds_and_errors(target_model, pair_factory, tiny):
+    pair = pair_factory(tiny.draft_noisy)
+    info = pair.target_stub.Info(target_pb2.InfoRequest())
+    opened = pair.target_stub.OpenSession(
+        target_pb2.OpenSessionRequest(
+            prompt_token_ids=target_model.tokenizer.encode("x = 1"),
+            tokenizer_fingerprint=info.tokenizer_fingerprint,
+        )
+    )
+    requests = [target_pb2.VerifyRequest(session_id=opened.session_id, round_id=r) for r in range(3)]
+    responses = list(pair.target_stub.VerifyStream(iter(requests)))
+    assert [r.round_id for r in responses] == [0, 1, 2]
+    bad = [
+        target_pb2.VerifyRequest(
+            session_id=opened.session_id,
+            round_id=3,
+            tree=target_pb2.CandidateTree(parents=[5], token_ids=[1]),
+        )
+    ]
+    err = rpc_error(pair.target_stub.VerifyStream, iter(bad))
+    assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "parent 5" in err.details()
+
+
+def test_generate_bad_parameters_are_invalid_argument(pair_factory, tiny):
+    pair = pair_factory(tiny.draft_noisy, max_tokens=50, max_tokens_limit=100)
+    for request, fragment in [
+        (draft_pb2.GenerateRequest(prompt=""), "prompt is empty"),
+        (draft_pb2.GenerateRequest(prompt="hi", max_tokens=101), "above the limit 100"),
+        (draft_pb2.GenerateRequest(prompt="hi", num_speculative_tokens=99), "num_speculative_tokens"),
+    ]:
+        err = rpc_error(pair.draft_stub.Generate, request)
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, fragment
+        assert fragment in err.details()
+    tokens, _ = collect(pair.draft_stub, prompt="still serving", max_tokens=5)
+    assert len(tokens) == 5
+
+
+def test_mismatched_tokenizer_is_refused(pair_factory, tiny):
+    pair = pair_factory(tiny.other_tokenizer)
+    err = rpc_error(pair.draft_stub.Generate, draft_pb2.GenerateRequest(prompt="hello", max_tokens=4))
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "different tokenizers" in err.details()
+
+
+@pytest.mark.parametrize("node", ["target", "draft"])
+def test_health_and_reflection(pair_factory, tiny, node):
+    pair = pair_factory(tiny.draft_noisy)
+    port = getattr(pair, node).port
+    service = {"target": "specwire.v1.TargetService", "draft": "specwire.v1.DraftService"}[node]
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for name in ("", service):
+            status = health.Check(health_pb2.HealthCheckRequest(service=name)).status
+            assert status == health_pb2.HealthCheckResponse.SERVING
+        reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+        reply = next(
+            reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]))
+        )
+        names = {s.name for s in reply.list_services_response.service}
+        assert {service, "grpc.health.v1.Health"} <= names

@@ -1,0 +1,186 @@
+"""The target's verifier without gRPC: tree verification, KV compaction, session handling."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+from services.candidate_tree import CandidateTree
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from services.kv_cache import compact_kv, kv_nbytes
+from services.rpc.specwire.v1 import target_pb2
+from target_node.config import TargetConfig
+from target_node.session import SessionStore
+from target_node.verifier import Verifier
+from tests.helpers import target_only_greedy
+
+
+@pytest.fixture
+def verifier(target_model):
+    return Verifier(target_model, TargetConfig(model="tiny", max_tree_nodes=32, max_context_tokens=200))
+
+
+def open_session(verifier, prompt_ids, **kwargs):
+    return verifier.open_session(
+        target_pb2.OpenSessionRequest(
+            prompt_token_ids=prompt_ids, tokenizer_fingerprint=verifier.fingerprint, **kwargs
+        )
+    )
+
+
+def verify(verifier, session_id, round_id, tree):
+    return verifier.verify(
+        target_pb2.VerifyRequest(session_id=session_id, round_id=round_id, tree=tree.to_proto())
+    )
+
+
+@pytest.mark.parametrize("num_candidates", [1, 2, 4])
+def test_tree_verification_equals_target_greedy(target_model, verifier, num_candidates):
+    """Random tries that contain the target's own continuation at a random depth, or not."""
+    rng = random.Random(num_candidates)
+    prompt = target_model.tokenizer.encode("def add(a, b):")
+    expected = target_only_greedy(target_model, prompt, 40)
+    opened = open_session(verifier, prompt)
+    produced = [opened.first_token_id]
+    round_id = 0
+    while len(produced) < len(expected):
+        truth = expected[len(produced) : len(produced) + 5]
+        candidates = []
+        for _ in range(num_candidates):
+            keep = rng.randint(0, len(truth))
+            candidates.append(
+                truth[:keep] + [rng.randrange(verifier.vocab_size) for _ in range(rng.randint(0, 3))]
+            )
+        rng.shuffle(candidates)
+        tree = CandidateTree.from_sequences(candidates)
+        result = verify(verifier, opened.session_id, round_id, tree)
+        round_id += 1
+        for node, token in zip(result.accepted_node_ids, result.accepted_token_ids, strict=True):
+            assert tree.token_ids[node] == token
+        if result.accepted_node_ids:
+            assert list(result.accepted_node_ids) == tree.path_to(result.accepted_node_ids[-1])
+        produced += [*result.accepted_token_ids, result.next_token_id]
+        assert result.context_length == len(prompt) + len(produced) - 1
+    assert produced[: len(expected)] == expected
+
+
+def test_longest_accepted_path_is_chosen(target_model, verifier):
+    prompt = target_model.tokenizer.encode("The quick brown fox")
+    expected = target_only_greedy(target_model, prompt, 6)
+    opened = open_session(verifier, prompt)
+    assert opened.first_token_id == expected[0]
+    wrong = (expected[2] + 1) % verifier.vocab_size
+    tree = CandidateTree.from_sequences([[expected[1], wrong], [expected[1], expected[2], expected[3]]])
+    result = verify(verifier, opened.session_id, 0, tree)
+    assert list(result.accepted_token_ids) == expected[1:4]
+    assert result.next_token_id == expected[4]
+    assert result.next_is_bonus
+
+
+def test_compacted_cache_equals_fresh_prefill(target_model, verifier):
+    prompt = target_model.tokenizer.encode("Natalia sold clips")
+    expected = target_only_greedy(target_model, prompt, 8)
+    opened = open_session(verifier, prompt)
+    # a trie with a decoy branch first, so the accepted entries are not a contiguous prefix
+    decoy = [(expected[1] + 7) % verifier.vocab_size, 3, 4]
+    verify(verifier, opened.session_id, 0, CandidateTree.from_sequences([decoy, expected[1:4]]))
+    session = verifier.sessions.get(opened.session_id)
+    committed = prompt + expected[:4]
+    assert session.context_length == len(committed)
+    probe = torch.tensor([[session.pending_token]])
+    with torch.inference_mode():
+        fresh = DynamicCache()
+        target_model.model(input_ids=torch.tensor([committed]), past_key_values=fresh, use_cache=True)
+        want = target_model.model(input_ids=probe, past_key_values=fresh, use_cache=True).logits
+        got = target_model.model(input_ids=probe, past_key_values=session.cache, use_cache=True).logits
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+
+
+def test_compact_kv_gathers_positions_in_every_layer():
+    cache = DynamicCache()
+    for layer in range(3):
+        keys = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 4).clone() + layer
+        cache.update(keys, keys.clone(), layer)
+    compact_kv(cache, [0, 1, 2, 5, 8])
+    for layer_idx, layer in enumerate(cache.layers):
+        assert layer.keys[0, 0, :, 0].tolist() == [v + layer_idx for v in (0, 1, 2, 5, 8)]
+    compact_kv(cache, range(2))
+    assert cache.get_seq_length() == 2
+    assert kv_nbytes(cache) == 3 * 2 * (1 * 2 * 2 * 4 * 4)
+
+
+def test_bad_requests_get_precise_errors(target_model, verifier):
+    prompt = target_model.tokenizer.encode("def add")
+    with pytest.raises(InvalidArgument, match="empty"):
+        open_session(verifier, [])
+    with pytest.raises(InvalidArgument, match="outside the vocabulary"):
+        open_session(verifier, [verifier.vocab_size])
+    with pytest.raises(FailedPrecondition, match="tokenizer mismatch"):
+        verifier.open_session(
+            target_pb2.OpenSessionRequest(prompt_token_ids=prompt, tokenizer_fingerprint="abc")
+        )
+    with pytest.raises(InvalidArgument, match="fingerprint is required"):
+        verifier.open_session(target_pb2.OpenSessionRequest(prompt_token_ids=prompt))
+    with pytest.raises(InvalidArgument, match="unknown strategy"):
+        open_session(verifier, prompt, strategy="nope")
+    with pytest.raises(InvalidArgument, match="temperature 0"):
+        open_session(verifier, prompt, sampling=target_pb2.SamplingParams(temperature=0.7))
+    with pytest.raises(OutOfRange, match="context limit"):
+        open_session(verifier, prompt * 100)
+    opened = open_session(verifier, prompt)
+    with pytest.raises(NotFound):
+        verify(verifier, "no-such-session", 0, CandidateTree())
+    with pytest.raises(FailedPrecondition, match="expected round 0"):
+        verify(verifier, opened.session_id, 3, CandidateTree())
+    with pytest.raises(InvalidArgument, match="parent"):
+        verify(verifier, opened.session_id, 0, CandidateTree([0], [1]))
+    with pytest.raises(InvalidArgument, match="limit is 32"):
+        verify(verifier, opened.session_id, 0, CandidateTree.from_sequences([[1] * 33]))
+    # the session is intact after every refused request
+    session = verifier.sessions.get(opened.session_id)
+    assert session.context_length == len(prompt)
+    assert verify(verifier, opened.session_id, 0, CandidateTree()).context_length == len(prompt) + 1
+
+
+def test_failed_forward_leaves_session_unchanged(target_model, verifier, monkeypatch):
+    prompt = target_model.tokenizer.encode("def add")
+    opened = open_session(verifier, prompt)
+    session = verifier.sessions.get(opened.session_id)
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(session.strategy, "evaluate_posterior", broken)
+    with pytest.raises(RuntimeError):
+        verify(verifier, opened.session_id, 0, CandidateTree.from_sequences([[1, 2]]))
+    assert session.context_length == len(prompt)
+    assert session.next_round == 0
+
+
+def test_session_store_ttl_and_capacity():
+    now = [0.0]
+    store = SessionStore(max_sessions=2, ttl_s=10, clock=lambda: now[0])
+
+    def session(sid):
+        from target_node.session import Session
+        from target_node.strategies import make_strategy
+
+        return Session(
+            sid, DynamicCache(), 0, make_strategy("", target_pb2.SamplingParams()), torch.Generator()
+        )
+
+    store.add(session("a"))
+    now[0] = 5
+    store.add(session("b"))
+    with pytest.raises(Exception, match="sessions already"):
+        store.add(session("c"))
+    now[0] = 12  # "a" idle for 12 s > TTL; "b" for 7 s
+    assert store.expire() == ["a"]
+    store.add(session("c"))
+    with pytest.raises(NotFound):
+        store.get("a")
+    store.get("b")
+    assert store.remove("b") and not store.remove("b")
