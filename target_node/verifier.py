@@ -8,7 +8,7 @@ import threading
 import time
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PreTrainedModel
 
 from services.candidate_tree import CandidateTree
 from services.errors import FailedPrecondition, InvalidArgument, OutOfRange
@@ -21,7 +21,7 @@ from target_node.config import TargetConfig
 from target_node.session import Session, SessionStore
 from target_node.strategies import STRATEGIES, Decision, make_strategy
 from target_node.strategies.base import node_logprobs
-from target_node.tree_attention import build_tree_query
+from target_node.tree_attention import batch_inputs, build_tree_query
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,46 @@ def candidate_results(
             )
         )
     return sorted(results, key=lambda r: (-r.accepted_length, -r.target_logprob, r.leaf_node_id))
+
+
+@torch.inference_mode()
+def check_tree_attention(model: PreTrainedModel, model_id: str) -> None:
+    """Refuse a model that ignores custom 4D attention masks: its tree verification would be wrong.
+
+    Two sibling candidates are verified as a tree and compared with decoding each alone.
+    """
+    device = next(model.parameters()).device
+    prompt, pending, siblings = [1, 2, 3], 4, [5, 6]
+    tree = CandidateTree.from_sequences([[t] for t in siblings])
+    try:
+        cache = DynamicCache()
+        model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
+        inputs = batch_inputs([build_tree_query(pending, tree, len(prompt))], model.dtype, device)
+        tree_logits = (
+            model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                attention_mask=inputs.attention_mask,
+                past_key_values=cache,
+            )
+            .logits[0]
+            .float()
+        )
+        alone = (
+            model(input_ids=torch.tensor([[*prompt, pending, siblings[1]]], device=device))
+            .logits[0, -1]
+            .float()
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"model {model_id} cannot run tree verification (4D attention mask): {exc}"
+        ) from exc
+    scale = alone.abs().max().clamp_min(1.0)
+    if not torch.allclose(tree_logits[2], alone, atol=float(5e-2 * scale), rtol=0):
+        raise RuntimeError(
+            f"model {model_id} ignores custom 4D attention masks, so candidates would see each other; "
+            "use a model whose attention accepts a 4D mask (e.g. Qwen2, Llama) with attn_implementation sdpa or eager"
+        )
 
 
 class Verifier:

@@ -1,0 +1,218 @@
+"""Strategies on synthetic logits: exactness of rejection sampling, monotone lossy rules."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from services.candidate_tree import ROOT, CandidateTree, SparseProbs
+from services.errors import InvalidArgument
+from services.rpc.specwire.v1 import target_pb2
+from target_node.sampling import target_probs
+from target_node.strategies import make_strategy
+
+VOCAB = 8
+# chi-square critical values at p = 1e-3 for df = 1..7
+CHI2_CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
+
+
+def chi_square_fits(counts: torch.Tensor, probs: torch.Tensor) -> bool:
+    """Pearson chi-square goodness of fit over the support of `probs` (mass outside it must be 0)."""
+    support = probs > 0
+    if counts[~support].sum() > 0:
+        return False
+    if int(support.sum()) == 1:
+        return True
+    n = counts.sum()
+    expected = probs[support] * n
+    stat = float(((counts[support] - expected) ** 2 / expected).sum())
+    return stat < CHI2_CRIT[int(support.sum()) - 1]
+
+
+def sample_without_replacement(
+    q: torch.Tensor, count: int, gen: torch.Generator
+) -> list[tuple[int, torch.Tensor]]:
+    """`count` distinct tokens, each with the distribution it was drawn from."""
+    drawn = []
+    q = q.clone()
+    for _ in range(count):
+        token = int(torch.multinomial(q, 1, generator=gen))
+        drawn.append((token, q.clone()))
+        q[token] = 0
+        q = q / q.sum()
+    return drawn
+
+
+def sparse(q: torch.Tensor) -> SparseProbs:
+    ids = q.nonzero().flatten()
+    return SparseProbs(ids.tolist(), q[ids].tolist())
+
+
+def draft_tree(q_root: torch.Tensor, q_child: dict[int, torch.Tensor], width: int, gen: torch.Generator):
+    """A depth-2 trie: `width` root children without replacement, one child each drawn from q_child."""
+    tree = CandidateTree()
+    for token, q in sample_without_replacement(q_root, width, gen):
+        tree.parents.append(ROOT)
+        tree.token_ids.append(token)
+        tree.draft_probs.append(sparse(q))
+        node = len(tree) - 1
+        child_token = int(torch.multinomial(q_child[token], 1, generator=gen))
+        tree.parents.append(node)
+        tree.token_ids.append(child_token)
+        tree.draft_probs.append(sparse(q_child[token]))
+    return tree
+
+
+@pytest.mark.parametrize("width", [1, 2, 3])
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        target_pb2.SamplingParams(temperature=1.0),
+        target_pb2.SamplingParams(temperature=0.7, top_k=5, top_p=0.9),
+    ],
+    ids=["t1", "t0.7-k5-p0.9"],
+)
+def test_probabilistic_reproduces_target_distribution(width, sampling):
+    gen = torch.Generator().manual_seed(width)
+    logits_root = torch.randn(VOCAB, generator=gen) * 1.5
+    logits_after = {t: torch.randn(VOCAB, generator=gen) * 1.5 for t in range(VOCAB)}
+    q_root = torch.randn(VOCAB, generator=gen).softmax(-1)
+    q_child = {t: torch.randn(VOCAB, generator=gen).softmax(-1) for t in range(VOCAB)}
+    strategy = make_strategy("probabilistic", sampling)
+    draws = 20_000
+    first = torch.zeros(VOCAB)
+    second = torch.zeros(VOCAB, VOCAB)  # second[a] counts the token after first token a
+    for _ in range(draws):
+        tree = draft_tree(q_root, q_child, width, gen)
+        rows = [logits_root] + [
+            logits_after[t] for t in tree.token_ids
+        ]  # a node's row: logits after its token
+        decision = strategy.evaluate_posterior(torch.stack(rows), tree, gen)
+        tokens = [tree.token_ids[n] for n in decision.accepted_nodes] + [decision.next_token]
+        first[tokens[0]] += 1
+        if len(tokens) > 1:
+            second[tokens[0], tokens[1]] += 1
+    assert chi_square_fits(first, target_probs(logits_root, sampling))
+    for a in range(VOCAB):
+        if second[a].sum() >= 2000:
+            assert chi_square_fits(second[a], target_probs(logits_after[a], sampling)), a
+
+
+def test_point_mass_drafts_are_lossless():
+    """n-gram drafts carry no q: every node is a point mass."""
+    gen = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, VOCAB, generator=gen)
+    tree = CandidateTree([ROOT, ROOT], [2, 5])
+    strategy = make_strategy("probabilistic", target_pb2.SamplingParams(temperature=1.0))
+    counts = torch.zeros(VOCAB)
+    for _ in range(20_000):
+        decision = strategy.evaluate_posterior(logits, tree, gen)
+        counts[([tree.token_ids[n] for n in decision.accepted_nodes] + [decision.next_token])[0]] += 1
+    assert chi_square_fits(counts, logits[0].softmax(-1))
+
+
+def test_chi_square_check_has_power():
+    """Sampling from the draft's q instead of the target's p must be caught."""
+    gen = torch.Generator().manual_seed(3)
+    p = torch.randn(VOCAB, generator=gen).softmax(-1)
+    q = torch.randn(VOCAB, generator=gen).softmax(-1)
+    counts = torch.bincount(
+        torch.multinomial(q, 20_000, replacement=True, generator=gen), minlength=VOCAB
+    ).float()
+    assert not chi_square_fits(counts, p)
+    counts = torch.bincount(
+        torch.multinomial(p, 20_000, replacement=True, generator=gen), minlength=VOCAB
+    ).float()
+    assert chi_square_fits(counts, p)
+
+
+def test_probabilistic_refuses_q_that_breaks_losslessness():
+    strategy = make_strategy("probabilistic", target_pb2.SamplingParams(temperature=1.0))
+    logits = torch.zeros(3, VOCAB)
+    with_replacement = CandidateTree(
+        [ROOT, ROOT], [1, 2], [SparseProbs([1, 2], [0.5, 0.5]), SparseProbs([1, 2], [0.5, 0.5])]
+    )
+    with pytest.raises(InvalidArgument, match="without replacement"):
+        strategy.evaluate_posterior(logits, with_replacement, torch.Generator())
+    missing_own_token = CandidateTree([ROOT], [1], [SparseProbs([2], [1.0])])
+    with pytest.raises(InvalidArgument, match="no mass"):
+        strategy.evaluate_posterior(logits[:2], missing_own_token, torch.Generator())
+
+
+def test_deterministic_is_greedy_and_picks_longest_path():
+    logits = torch.full((6, VOCAB), -5.0)
+    # rows: 0 pending, 1.. nodes; target's argmax: after pending 3, after node0 (3) 4, after node1 (4) 1
+    for row, best in enumerate([3, 4, 1, 0, 6, 2]):
+        logits[row, best] = 5.0
+    tree = CandidateTree.from_sequences([[3, 4, 7], [3, 2], [5]])  # nodes: 0:3 1:4 2:7 3:2 4:5
+    decision = make_strategy("deterministic", target_pb2.SamplingParams()).evaluate_posterior(
+        logits, tree, torch.Generator()
+    )
+    assert decision.accepted_nodes == [0, 1]
+    assert decision.next_token == 1 and not decision.next_is_bonus
+    assert decision.acceptable == [True, True, False, False, False]
+
+
+def random_case(seed: int):
+    gen = torch.Generator().manual_seed(seed)
+    sequences = [torch.randint(0, VOCAB, (4,), generator=gen).tolist() for _ in range(4)]
+    tree = CandidateTree.from_sequences(sequences)
+    return torch.randn(len(tree) + 1, VOCAB, generator=gen) * 2, tree
+
+
+def total_accepted(name: str, params: target_pb2.StrategyParams, cases) -> int:
+    strategy = make_strategy(name, target_pb2.SamplingParams(), params)
+    return sum(
+        len(strategy.evaluate_posterior(logits, tree, torch.Generator()).accepted_nodes)
+        for logits, tree in cases
+    )
+
+
+@pytest.mark.parametrize(
+    ("name", "sweep", "direction"),
+    [
+        ("threshold", [target_pb2.StrategyParams(threshold=t) for t in (0.01, 0.05, 0.1, 0.2, 0.4, 0.8)], -1),
+        (
+            "typical",
+            [target_pb2.StrategyParams(epsilon=e, alpha=0.3) for e in (0.01, 0.05, 0.1, 0.3, 0.9)],
+            -1,
+        ),
+        (
+            "typical",
+            [target_pb2.StrategyParams(epsilon=0.9, alpha=a) for a in (0.01, 0.1, 0.5, 1.0, 5.0)],
+            -1,
+        ),
+        ("topk", [target_pb2.StrategyParams(top_k=k) for k in (1, 2, 3, 5, 8)], +1),
+    ],
+)
+def test_lossy_acceptance_is_monotone_in_threshold(name, sweep, direction):
+    cases = [random_case(seed) for seed in range(60)]
+    accepted = [total_accepted(name, params, cases) for params in sweep]
+    assert all(direction * (b - a) >= 0 for a, b in zip(accepted, accepted[1:], strict=False)), accepted
+    assert accepted[0] != accepted[-1], "the sweep should change acceptance"
+
+
+def test_lossy_strategy_breaks_ties_by_target_logprob():
+    logits = torch.zeros(5, VOCAB)
+    logits[0, 1], logits[0, 2] = 3.0, 2.0  # both root children are in the top-3, node 0 more likely
+    tree = CandidateTree.from_sequences([[2], [1]])  # node 0: token 2, node 1: token 1
+    decision = make_strategy("topk", target_pb2.SamplingParams()).evaluate_posterior(
+        logits[:3], tree, torch.Generator()
+    )
+    assert decision.accepted_nodes == [1]
+
+
+@pytest.mark.parametrize(
+    ("name", "sampling", "params"),
+    [
+        ("deterministic", target_pb2.SamplingParams(temperature=0.5), None),
+        ("probabilistic", target_pb2.SamplingParams(temperature=-1), None),
+        ("probabilistic", target_pb2.SamplingParams(temperature=1, top_p=1.5), None),
+        ("threshold", target_pb2.SamplingParams(), target_pb2.StrategyParams(threshold=2)),
+        ("typical", target_pb2.SamplingParams(), target_pb2.StrategyParams(epsilon=3)),
+        ("nope", target_pb2.SamplingParams(), None),
+    ],
+)
+def test_bad_strategy_parameters(name, sampling, params):
+    with pytest.raises(InvalidArgument):
+        make_strategy(name, sampling, params)
