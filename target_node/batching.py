@@ -33,9 +33,15 @@ class ForwardJob:
 
 class VerifyBatcher:
     def __init__(
-        self, model: PreTrainedModel, forward_lock: threading.Lock, max_batch_size: int, max_wait_s: float
+        self,
+        model: PreTrainedModel,
+        forward_lock: threading.Lock,
+        max_batch_size: int,
+        max_wait_s: float,
+        min_rows: int = 1,
     ) -> None:
         self.model = model
+        self.min_rows = min_rows
         self.forward_lock = forward_lock
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
@@ -52,6 +58,7 @@ class VerifyBatcher:
 
     def stop(self) -> None:
         self._jobs.put(None)
+        self._worker.join(timeout=30)
 
     def _loop(self) -> None:
         while (first := self._jobs.get()) is not None:
@@ -85,7 +92,7 @@ class VerifyBatcher:
 
     @torch.inference_mode()
     def _single_forward(self, job: ForwardJob) -> torch.Tensor:
-        inputs = batch_inputs([job.query], self.model.dtype, self.device)
+        inputs = batch_inputs([job.query], self.model.dtype, self.device, self.min_rows)
         with self.forward_lock:
             out = self.model(
                 input_ids=inputs.input_ids,
@@ -99,7 +106,7 @@ class VerifyBatcher:
     @torch.inference_mode()
     def _batched_forward(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
         queries = [job.query for job in jobs]
-        inputs = batch_inputs(queries, self.model.dtype, self.device)
+        inputs = batch_inputs(queries, self.model.dtype, self.device, self.min_rows)
         width = inputs.prefix_width
         batch_cache = DynamicCache()
         for layer_idx, layers in enumerate(zip(*(job.cache.layers for job in jobs), strict=True)):

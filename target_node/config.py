@@ -24,4 +24,9 @@ class TargetConfig(NodeConfig):
         8, ge=1, description="verify requests of different sessions run in one forward"
     )
     batch_wait_ms: float = Field(2.0, ge=0, description="how long a verify waits for others to batch with")
+    pad_verify_rows: int = Field(
+        4,
+        ge=1,
+        description="pad verify forwards to at least this many tokens (CPU BLAS: 2-3 rows cost more than 4)",
+    )
     workers: int = Field(16, ge=1, description="gRPC server threads")

@@ -45,9 +45,14 @@ class BatchInputs:
     prefix_width: int  # L: the longest prefix; session b's prefix is right-padded to it
 
 
-def batch_inputs(queries: Sequence[TreeQuery], dtype: torch.dtype, device: torch.device) -> BatchInputs:
+def batch_inputs(
+    queries: Sequence[TreeQuery], dtype: torch.dtype, device: torch.device, min_rows: int = 1
+) -> BatchInputs:
+    """Stack queries. Multi-token queries are padded to at least `min_rows` rows: CPU BLAS runs 2-3
+    rows slower than 4, while a single row (a plain decode step) has its own fast path."""
     width = max(q.prefix_length for q in queries)
     q_max = max(len(q.token_ids) for q in queries)
+    q_max = min_rows if 1 < q_max < min_rows else q_max
     allowed = torch.zeros(len(queries), q_max, width + q_max, dtype=torch.bool)
     input_ids = torch.zeros(len(queries), q_max, dtype=torch.long)
     position_ids = torch.zeros(len(queries), q_max, dtype=torch.long)

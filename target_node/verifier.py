@@ -100,7 +100,11 @@ class Verifier:
         self.sessions = SessionStore(config.max_sessions, config.session_ttl_s)
         self._forward_lock = threading.Lock()  # one forward at a time: they compete for the same cores
         self.batcher = VerifyBatcher(
-            self.model, self._forward_lock, config.max_batch_size, config.batch_wait_ms / 1000
+            self.model,
+            self._forward_lock,
+            config.max_batch_size,
+            config.batch_wait_ms / 1000,
+            config.pad_verify_rows,
         )
 
     def info(self) -> target_pb2.InfoResponse:
