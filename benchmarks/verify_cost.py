@@ -20,14 +20,15 @@ from services.candidate_tree import CandidateTree
 from services.kv_cache import compact_kv
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
+from target_node.backends import build_verifier
+from target_node.backends.hf import ForwardJob
 from target_node.config import TargetConfig
 from target_node.tree_attention import build_tree_query
-from target_node.verifier import Verifier
 
 SHAPES = [(1, 1), (1, 2), (1, 4), (2, 4), (4, 4), (4, 8), (8, 8)]  # (candidates N, tokens K)
 
 
-def time_forward(verifier: Verifier, session, tree: CandidateTree, repeats: int) -> list[float]:
+def time_forward(verifier, session, tree: CandidateTree, repeats: int) -> list[float]:
     prefix = session.context_length
     times = []
     for _ in range(repeats):
@@ -35,7 +36,7 @@ def time_forward(verifier: Verifier, session, tree: CandidateTree, repeats: int)
         if verifier.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        verifier.batcher.forward(session.cache, query)
+        verifier.backend.batcher.submit(ForwardJob(session.cache, query))
         if verifier.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
@@ -57,8 +58,8 @@ def main() -> None:
 
     loaded = load_model(args.model, args.dtype)
     loaded.model.to(args.device)
-    verifier = Verifier(
-        loaded, TargetConfig(model=args.model, max_tree_nodes=64, max_batch_size=1, batch_wait_ms=0)
+    verifier = build_verifier(
+        TargetConfig(model=args.model, max_tree_nodes=64, max_batch_size=1, batch_wait_ms=0), loaded
     )
     prompt = [
         int(t)

@@ -15,6 +15,9 @@ class DraftConfig(NodeConfig):
 
     model: str = Field("qwen2.5-coder-0.5b-instruct", description="draft model")
     port: int = Field(50052, description="gRPC port of the DraftService (0: pick a free one)")
+    metrics_port: int = Field(
+        9102, ge=-1, description="Prometheus /metrics port (0: pick a free one, -1: off)"
+    )
     target: str = Field("127.0.0.1:50051", description="target node address host:port")
     num_speculative_tokens: int = Field(3, ge=0, le=32, description="K: draft tokens per round")
     max_tokens: int = Field(128, ge=1, description="default completion length")
@@ -24,7 +27,6 @@ class DraftConfig(NodeConfig):
     generation_timeout_s: float = Field(
         3600.0, gt=0, description="deadline for one generation's verify stream"
     )
-    workers: int = Field(16, ge=1, description="gRPC server threads (concurrent generations)")
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> Self:

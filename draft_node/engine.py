@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Iterator
+
+import grpc
 
 from draft_node.config import DraftConfig
 from draft_node.detokenizer import IncrementalDetokenizer
+from draft_node.metrics import DraftMetrics
 from draft_node.proposers.hf import HFProposer
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from draft_node.target_client import TargetClient
-from services.errors import FailedPrecondition, InvalidArgument
+from services.errors import FailedPrecondition, InvalidArgument, SpecwireError
 from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 from services.tokenizer_fingerprint import tokenizer_fingerprint
@@ -30,8 +34,11 @@ def eos_token_ids(loaded: LoadedModel) -> set[int]:
 class DraftEngine:
     """Shared by all concurrent generations: one draft model, one target connection."""
 
-    def __init__(self, loaded: LoadedModel, target: TargetClient, config: DraftConfig) -> None:
+    def __init__(
+        self, loaded: LoadedModel, target: TargetClient, config: DraftConfig, metrics: DraftMetrics
+    ) -> None:
         self.loaded = loaded
+        self.metrics = metrics
         self.tokenizer = loaded.tokenizer
         self.target = target
         self.config = config
@@ -74,6 +81,27 @@ class DraftEngine:
 
     def generate(self, request: draft_pb2.GenerateRequest) -> Iterator[draft_pb2.GenerateChunk]:
         """Stream one chunk for the target's first token, then one per speculative round."""
+        status = "ok"
+        try:
+            yield from self._generate(request, time.perf_counter())
+        except GeneratorExit:
+            status = "cancelled"
+            raise
+        except SpecwireError as exc:
+            status = exc.code.name.lower()
+            raise
+        except grpc.RpcError as exc:
+            status = f"target_{exc.code().name.lower()}" if isinstance(exc, grpc.Call) else "target_error"
+            raise
+        except Exception:
+            status = "internal"
+            raise
+        finally:
+            self.metrics.requests.labels(status).inc()
+
+    def _generate(
+        self, request: draft_pb2.GenerateRequest, start: float
+    ) -> Iterator[draft_pb2.GenerateChunk]:
         prompt_ids = self.encode_prompt(request)
         max_tokens = request.max_tokens or self.config.max_tokens
         if max_tokens > self.config.max_tokens_limit:
@@ -94,6 +122,9 @@ class DraftEngine:
         try:
             chunk = self._chunk([session.first_token_id], None, detokenizer, produced + 1 >= max_tokens)
             produced += 1
+            first_token_at = time.perf_counter()
+            self.metrics.ttft_seconds.observe(first_token_at - start)
+            self.metrics.generated_tokens.inc(len(chunk.token_ids))
             yield chunk
             if chunk.finish_reason:
                 return
@@ -109,12 +140,34 @@ class DraftEngine:
             for outcome in rounds:
                 produced += len(outcome.token_ids)
                 chunk = self._chunk(outcome.token_ids, outcome, detokenizer, produced >= max_tokens)
+                self._record_round(outcome, k, len(chunk.token_ids))
                 yield chunk
                 if chunk.finish_reason:
                     return
             yield draft_pb2.GenerateChunk(text=detokenizer.add([], final=True), finish_reason="length")
         finally:
             session.close()
+            if produced > 1:
+                self.metrics.tpot_seconds.observe((time.perf_counter() - first_token_at) / (produced - 1))
+
+    def _record_round(self, outcome: RoundOutcome, k: int, streamed: int) -> None:
+        m = self.metrics
+        m.rounds.inc()
+        m.drafted_tokens.inc(outcome.drafted)
+        m.accepted_tokens.inc(outcome.accepted)
+        for position in range(1, outcome.drafted + 1):
+            m.drafted_by_position.labels(str(position)).inc()
+            if position <= outcome.accepted:
+                m.accepted_by_position.labels(str(position)).inc()
+        m.acceptance_length.observe(outcome.accepted + 1)
+        m.round_seconds.observe(outcome.round_seconds)
+        m.round_phase_seconds.labels("draft").observe(outcome.draft_seconds)
+        m.round_phase_seconds.labels("verify").observe(outcome.verify_seconds)
+        network = outcome.round_seconds - outcome.draft_seconds - outcome.verify_seconds
+        m.round_phase_seconds.labels("network").observe(max(0.0, network))
+        m.generated_tokens.inc(streamed)
+        m.num_speculative_tokens.set(k)
+        m.num_candidates.set(1)
 
     def _chunk(
         self,

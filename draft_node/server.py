@@ -1,14 +1,17 @@
-"""Start the draft node: load the draft model, connect to the target, serve DraftService."""
+"""Start the draft node: DraftService + health + reflection on gRPC, metrics on HTTP."""
 
 from __future__ import annotations
 
 import logging
 
+from prometheus_client import CollectorRegistry
+
 from draft_node.config import DraftConfig
 from draft_node.engine import DraftEngine
+from draft_node.metrics import DraftMetrics
 from draft_node.servicer import DraftServicer
 from draft_node.target_client import TargetClient
-from services.grpc_server import RunningServer, build_server
+from services.grpc_server import RunningServer, start_node
 from services.model_loading import LoadedModel, load_model
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
 
@@ -20,13 +23,21 @@ def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> Runni
     """Load the draft model (unless given), connect to the target and start serving."""
     loaded = loaded or load_model(config.model, config.dtype, config.cache_dir)
     target = TargetClient(config.target, config.target_timeout_s, config.generation_timeout_s)
-    engine = DraftEngine(loaded, target, config)
-    server, port, health_servicer = build_server(
+    metrics = DraftMetrics(CollectorRegistry())
+    engine = DraftEngine(loaded, target, config, metrics)
+    running = start_node(
         [(draft_pb2_grpc.add_DraftServiceServicer_to_server, DraftServicer(engine), SERVICE_NAME)],
-        config.host,
-        config.port,
-        config.workers,
+        config,
+        engine,
+        target.close,
+        metrics.registry,
     )
-    server.start()
-    log.info("draft %s serving on %s:%d, target %s", loaded.model_id, config.host, port, config.target)
-    return RunningServer(server, port, health_servicer, engine, target.close)
+    log.info(
+        "draft %s serving on %s:%d, target %s, metrics port %s",
+        loaded.model_id,
+        config.host,
+        running.port,
+        config.target,
+        running.metrics_port,
+    )
+    return running

@@ -22,6 +22,8 @@ class NodeConfig(BaseSettings):
     host: str = Field("127.0.0.1", description="interface the gRPC server binds")
     port: int = Field(description="gRPC port (0: pick a free one)")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where assembled/dequantized weights are cached")
+    metrics_port: int = Field(description="Prometheus /metrics port (0: pick a free one, -1: off)", ge=-1)
+    workers: int = Field(16, ge=1, description="gRPC server threads (concurrent calls)")
     log_level: str = Field("INFO", description="python logging level")
 
     @classmethod

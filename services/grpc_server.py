@@ -10,6 +10,10 @@ from typing import Any, Generic, TypeVar
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
+from prometheus_client import CollectorRegistry
+
+from services.config import NodeConfig
+from services.metrics import GrpcMetricsInterceptor, serve_metrics
 
 MAX_MESSAGE_BYTES = 64 << 20
 NodeT = TypeVar("NodeT")
@@ -24,6 +28,7 @@ class RunningServer(Generic[NodeT]):
     health: health.HealthServicer
     node: NodeT
     cleanup: Callable[[], None]
+    metrics_port: int | None = None  # where /metrics is served (None: off)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight calls finish for up to `grace_s`, then clean up."""
@@ -37,6 +42,7 @@ def build_server(
     host: str,
     port: int,
     workers: int,
+    interceptors: Sequence[grpc.ServerInterceptor] = (),
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Register (add_fn, servicer, full service name) triples; return server, bound port, health.
 
@@ -44,6 +50,7 @@ def build_server(
     """
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=workers),
+        interceptors=list(interceptors),
         options=[
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
@@ -62,3 +69,21 @@ def build_server(
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     return server, bound, health_servicer
+
+
+def start_node(
+    registrations: Sequence[tuple[Callable[[Any, grpc.Server], None], Any, str]],
+    config: NodeConfig,
+    node: NodeT,
+    cleanup: Callable[[], None],
+    registry: CollectorRegistry,
+) -> RunningServer[NodeT]:
+    """Build and start a node's gRPC server (with per-method metrics) and its /metrics endpoint."""
+    server, port, health_servicer = build_server(
+        registrations, config.host, config.port, config.workers, [GrpcMetricsInterceptor(registry)]
+    )
+    server.start()
+    metrics_port = (
+        serve_metrics(registry, config.host, config.metrics_port) if config.metrics_port >= 0 else None
+    )
+    return RunningServer(server, port, health_servicer, node, cleanup, metrics_port)

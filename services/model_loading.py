@@ -115,11 +115,15 @@ def resolve_model_dir(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     )
 
 
+def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
 def load_model(spec: str, dtype: str = "float32", cache_dir: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
     """Load a causal LM and its tokenizer in eval mode."""
     model_dir = resolve_model_dir(spec, cache_dir)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     model_id = spec if spec in PACKAGED_MODELS else Path(spec).name
     return LoadedModel(model_id=model_id, model=model, tokenizer=tokenizer)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import Field
 from pydantic_settings import SettingsConfigDict
 
@@ -13,6 +15,15 @@ class TargetConfig(NodeConfig):
 
     model: str = Field("qwen2.5-coder-1.5b-instruct", description="target model")
     port: int = Field(50051, description="gRPC port (0: pick a free one)")
+    metrics_port: int = Field(
+        9101, ge=-1, description="Prometheus /metrics port (0: pick a free one, -1: off)"
+    )
+    backend: Literal["hf", "vllm"] = Field(
+        "hf", description="hf: transformers, tree attention, every strategy; vllm: vLLM engine, greedy only"
+    )
+    vllm_block_size: int = Field(
+        32, ge=1, description="vllm: KV block size (the CPU build needs a multiple of 32)"
+    )
     max_sessions: int = Field(64, ge=1, description="concurrent sessions (KV caches) held")
     session_ttl_s: float = Field(300.0, gt=0, description="idle sessions are closed after this long")
     max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt a session may prefill")
@@ -29,4 +40,3 @@ class TargetConfig(NodeConfig):
         ge=1,
         description="pad verify forwards to at least this many tokens (CPU BLAS: 2-3 rows cost more than 4)",
     )
-    workers: int = Field(16, ge=1, description="gRPC server threads")

@@ -1,12 +1,13 @@
-"""Start the target node: load the model, serve TargetService + health + reflection."""
+"""Start the target node: TargetService + health + reflection on gRPC, metrics on HTTP."""
 
 from __future__ import annotations
 
 import logging
 
-from services.grpc_server import RunningServer, build_server
-from services.model_loading import LoadedModel, load_model
+from services.grpc_server import RunningServer, start_node
+from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import target_pb2, target_pb2_grpc
+from target_node.backends import build_verifier
 from target_node.config import TargetConfig
 from target_node.servicer import TargetServicer
 from target_node.verifier import Verifier
@@ -15,17 +16,25 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = target_pb2.DESCRIPTOR.services_by_name["TargetService"].full_name
 
 
-def start_target(config: TargetConfig, loaded: LoadedModel | None = None) -> RunningServer[Verifier]:
-    """Load the model (unless given) and start serving; returns once the port is bound."""
-    loaded = loaded or load_model(config.model, config.dtype, config.cache_dir)
-    verifier = Verifier(loaded, config)
-    server, port, health_servicer = build_server(
+def start_target(
+    config: TargetConfig, loaded: LoadedModel | None = None, verifier: Verifier | None = None
+) -> RunningServer[Verifier]:
+    """Build the verifier (unless given; from `loaded` if given) and serve it; returns once bound."""
+    verifier = verifier or build_verifier(config, loaded)
+    running = start_node(
         [(target_pb2_grpc.add_TargetServiceServicer_to_server, TargetServicer(verifier), SERVICE_NAME)],
-        config.host,
-        config.port,
-        config.workers,
+        config,
+        verifier,
+        verifier.stop,
+        verifier.metrics.registry,
     )
-    server.start()
     verifier.sessions.start_reaper()
-    log.info("target %s serving on %s:%d", loaded.model_id, config.host, port)
-    return RunningServer(server, port, health_servicer, verifier, verifier.stop)
+    log.info(
+        "target %s (%s backend) serving on %s:%d, metrics port %s",
+        verifier.model_id,
+        config.backend,
+        config.host,
+        running.port,
+        running.metrics_port,
+    )
+    return running

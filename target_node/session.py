@@ -1,4 +1,4 @@
-"""Per-generation state on the target (KV cache, pending token, round counter) and its store.
+"""Per-generation state on the target (committed tokens, pending token, round counter) and its store.
 
 The store bounds the number of sessions and closes idle ones after a TTL, so a draft that
 vanishes never pins memory for long.
@@ -12,9 +12,9 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
-from transformers import DynamicCache
 
 from services.errors import NotFound, ResourceExhausted
 from target_node.strategies import Strategy
@@ -25,24 +25,32 @@ log = logging.getLogger(__name__)
 @dataclass
 class Session:
     session_id: str
-    cache: DynamicCache
-    pending_token: int  # chosen by the target, not yet in `cache`
+    token_ids: list[int]  # committed context: prompt + accepted tokens (the pending token excluded)
     strategy: Strategy  # holds the session's sampling and strategy parameters
     generator: torch.Generator
+    pending_token: int = -1  # chosen by the target, not yet part of the context
+    cache: Any = None  # backend state (HF: the DynamicCache over `token_ids`)
     next_round: int = 0
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     @property
     def context_length(self) -> int:
-        return self.cache.get_seq_length()
+        return len(self.token_ids)
 
 
 class SessionStore:
-    def __init__(self, max_sessions: int, ttl_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    def __init__(
+        self,
+        max_sessions: int,
+        ttl_s: float,
+        clock: Callable[[], float] = time.monotonic,
+        on_remove: Callable[[Session, str], None] = lambda session, reason: None,
+    ) -> None:
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
         self._clock = clock
+        self._on_remove = on_remove
         self._sessions: dict[str, Session] = {}
         self._lock = threading.Lock()
         self._stop = threading.Event()
@@ -70,7 +78,14 @@ class SessionStore:
 
     def remove(self, session_id: str) -> bool:
         with self._lock:
-            return self._sessions.pop(session_id, None) is not None
+            session = self._sessions.pop(session_id, None)
+        if session is not None:
+            self._on_remove(session, "closed")
+        return session is not None
+
+    def snapshot(self) -> list[Session]:
+        with self._lock:
+            return list(self._sessions.values())
 
     def __len__(self) -> int:
         with self._lock:
@@ -80,14 +95,13 @@ class SessionStore:
         """Drop sessions idle for longer than the TTL; return their ids."""
         deadline = self._clock() - self.ttl_s
         with self._lock:
-            expired = [
-                sid for sid, s in self._sessions.items() if s.last_used < deadline and not s.lock.locked()
-            ]
-            for sid in expired:
-                del self._sessions[sid]
-        for sid in expired:
-            log.info("session %s expired after %.0fs idle", sid, self.ttl_s)
-        return expired
+            expired = [s for s in self._sessions.values() if s.last_used < deadline and not s.lock.locked()]
+            for session in expired:
+                del self._sessions[session.session_id]
+        for session in expired:
+            self._on_remove(session, "ttl")
+            log.info("session %s expired after %.0fs idle", session.session_id, self.ttl_s)
+        return [session.session_id for session in expired]
 
     def start_reaper(self) -> None:
         """Expire idle sessions in the background even when no request arrives."""
@@ -102,4 +116,6 @@ class SessionStore:
     def stop(self) -> None:
         self._stop.set()
         with self._lock:
-            self._sessions.clear()
+            sessions, self._sessions = list(self._sessions.values()), {}
+        for session in sessions:
+            self._on_remove(session, "shutdown")

@@ -5,7 +5,6 @@ from dataclasses import dataclass
 
 import grpc
 import pytest
-import torch
 
 from draft_node.config import DraftConfig
 from draft_node.server import start_draft
@@ -14,9 +13,8 @@ from services.model_loading import LoadedModel, load_model
 from services.rpc.specwire.v1 import draft_pb2_grpc, target_pb2_grpc
 from target_node.config import TargetConfig
 from target_node.server import start_target
+from target_node.verifier import Verifier
 from tests.tiny_models import build_model, build_tokenizer
-
-torch.set_num_threads(1)
 
 
 @dataclass
@@ -52,10 +50,24 @@ class Pair:
     draft_stub: draft_pb2_grpc.DraftServiceStub
 
 
-def start_pair(target_model: LoadedModel, draft_dir: str, **draft_overrides: object) -> Pair:
-    target = start_target(TargetConfig(model=target_model.model_id, port=0, workers=4), target_model)
+def start_pair(
+    target_model: LoadedModel,
+    draft_dir: str,
+    target_verifier: Verifier | None = None,
+    **draft_overrides: object,
+) -> Pair:
+    target = start_target(
+        TargetConfig(model=target_model.model_id, port=0, metrics_port=0, workers=4),
+        target_model,
+        verifier=target_verifier,
+    )
     draft_config = DraftConfig(
-        model=draft_dir, port=0, target=f"127.0.0.1:{target.port}", workers=4, **draft_overrides
+        model=draft_dir,
+        port=0,
+        metrics_port=0,
+        target=f"127.0.0.1:{target.port}",
+        workers=4,
+        **draft_overrides,
     )
     draft = start_draft(draft_config, load_model(draft_dir))
     return Pair(

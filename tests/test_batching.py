@@ -8,8 +8,9 @@ import pytest
 
 from services.candidate_tree import CandidateTree
 from services.rpc.specwire.v1 import target_pb2
+from target_node.backends import build_verifier
+from target_node.backends.hf import check_tree_attention
 from target_node.config import TargetConfig
-from target_node.verifier import Verifier, check_tree_attention
 from tests.helpers import target_only_greedy
 
 PROMPTS = [
@@ -41,13 +42,13 @@ def run_session(verifier, prompt_ids, expected, results, index):
 
 @pytest.mark.parametrize("fail_batched", [False, True])
 def test_concurrent_sessions_batch_and_match_target_alone(target_model, monkeypatch, fail_batched):
-    verifier = Verifier(target_model, TargetConfig(model="tiny", max_batch_size=4, batch_wait_ms=30))
+    verifier = build_verifier(TargetConfig(model="tiny", max_batch_size=4, batch_wait_ms=30), target_model)
     if fail_batched:  # a broken batched forward falls back to one forward per request
 
         def boom(jobs):
             raise RuntimeError("batched forward failed")
 
-        monkeypatch.setattr(verifier.batcher, "_batched_forward", boom)
+        monkeypatch.setattr(verifier.backend, "_batched_forward", boom)
     prompts = [target_model.tokenizer.encode(p) for p in PROMPTS]
     expected = [target_only_greedy(target_model, p, 24) for p in prompts]
     results: dict[int, tuple] = {}
@@ -87,7 +88,7 @@ def test_model_that_ignores_tree_mask_is_refused(target_model, monkeypatch):
 
 
 def test_same_seed_same_samples(target_model):
-    verifier = Verifier(target_model, TargetConfig(model="tiny"))
+    verifier = build_verifier(TargetConfig(model="tiny"), target_model)
     prompt = target_model.tokenizer.encode("def add(a, b):")
 
     def sampled(seed):
@@ -117,7 +118,7 @@ def test_same_seed_same_samples(target_model):
 
 
 def test_candidates_report_accepted_length_best_first(target_model):
-    verifier = Verifier(target_model, TargetConfig(model="tiny"))
+    verifier = build_verifier(TargetConfig(model="tiny"), target_model)
     prompt = target_model.tokenizer.encode("The quick brown fox")
     expected = target_only_greedy(target_model, prompt, 5)
     opened = verifier.open_session(

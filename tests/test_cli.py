@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import grpc
 import pytest
@@ -38,6 +39,18 @@ def wait_serving(port: int, process: subprocess.Popen, timeout_s: float = 60) ->
             except grpc.RpcError:
                 time.sleep(0.3)
     raise TimeoutError(f"nothing serving on port {port}")
+
+
+def scrape(port: int) -> dict[str, float]:
+    """Samples of a /metrics page, keyed by name{labels} as exposed."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    samples = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, value = line.rsplit(" ", 1)
+            samples[key] = float(value)
+    return samples
 
 
 def summary(stderr: str) -> dict[str, str]:
@@ -73,9 +86,18 @@ def test_demo_runs_a_pair_on_loopback(tiny):
 
 
 def test_target_draft_generate_as_separate_processes(tiny):
-    target_port, draft_port = free_port(), free_port()
+    target_port, draft_port, target_metrics, draft_metrics = (free_port() for _ in range(4))
     target = subprocess.Popen(
-        [*CLI, "target", "--model", tiny.target, "--port", str(target_port)],
+        [
+            *CLI,
+            "target",
+            "--model",
+            tiny.target,
+            "--port",
+            str(target_port),
+            "--metrics-port",
+            str(target_metrics),
+        ],
         stderr=subprocess.PIPE,
         text=True,
     )
@@ -91,6 +113,8 @@ def test_target_draft_generate_as_separate_processes(tiny):
             f"127.0.0.1:{target_port}",
             "--num-speculative-tokens",
             "4",
+            "--metrics-port",
+            str(draft_metrics),
         ],
         stderr=subprocess.PIPE,
         text=True,
@@ -117,6 +141,21 @@ def test_target_draft_generate_as_separate_processes(tiny):
         stats = summary(result.stderr)
         assert stats["acceptance_rate"] == "1.0"  # the draft is the target itself
         assert result.stdout.strip()
+        draft_series = scrape(draft_metrics)
+        target_series = scrape(target_metrics)
+        rounds = draft_series["specwire_draft_rounds_total"]
+        assert rounds > 0
+        assert (
+            draft_series["specwire_draft_accepted_tokens_total"]
+            == draft_series["specwire_draft_drafted_tokens_total"]
+        )
+        assert target_series["specwire_target_verify_requests_total"] == rounds
+        assert (
+            target_series[
+                'specwire_grpc_server_handled_total{code="OK",method="OpenSession",service="specwire.v1.TargetService"}'
+            ]
+            == 1
+        )
     finally:
         for process in (draft, target):
             process.send_signal(signal.SIGTERM)

@@ -12,15 +12,15 @@ from services.candidate_tree import CandidateTree
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from services.kv_cache import compact_kv, kv_nbytes
 from services.rpc.specwire.v1 import target_pb2
+from target_node.backends import build_verifier
 from target_node.config import TargetConfig
 from target_node.session import SessionStore
-from target_node.verifier import Verifier
 from tests.helpers import target_only_greedy
 
 
 @pytest.fixture
 def verifier(target_model):
-    return Verifier(target_model, TargetConfig(model="tiny", max_tree_nodes=32, max_context_tokens=200))
+    return build_verifier(TargetConfig(model="tiny", max_tree_nodes=32, max_context_tokens=200), target_model)
 
 
 def open_session(verifier, prompt_ids, **kwargs):
@@ -168,9 +168,7 @@ def test_session_store_ttl_and_capacity():
         from target_node.session import Session
         from target_node.strategies import make_strategy
 
-        return Session(
-            sid, DynamicCache(), 0, make_strategy("", target_pb2.SamplingParams()), torch.Generator()
-        )
+        return Session(sid, [1, 2], make_strategy("", target_pb2.SamplingParams()), torch.Generator())
 
     store.add(session("a"))
     now[0] = 5

@@ -74,18 +74,29 @@ class NodewiseStrategy(Strategy):
         acceptable = []
         if len(tree):
             acceptable = self.accept(logits[parent_rows(tree)].float(), torch.tensor(tree.token_ids)).tolist()
-        logprobs = node_logprobs(logits, tree).tolist()
-        best, best_score = ROOT, (0, 0.0)
-        reach: list[tuple[int, float] | None] = []  # (depth, logprob sum) of fully acceptable paths
-        for node, parent in enumerate(tree.parents):
-            above = (0, 0.0) if parent == ROOT else reach[parent]
-            if not acceptable[node] or above is None:
-                reach.append(None)
-                continue
-            score = (above[0] + 1, above[1] + logprobs[node])
-            reach.append(score)
-            if score > best_score:
-                best, best_score = node, score
-        path = tree.path_to(best)
+        best = longest_acceptable_path(tree, acceptable, node_logprobs(logits, tree).tolist())
         next_token = sample(target_probs(logits[best + 1], self.sampling), generator)
-        return Decision(path, next_token, bool(path) and best not in set(tree.parents), acceptable)
+        return decision_for(tree, best, next_token, acceptable)
+
+
+def longest_acceptable_path(tree: CandidateTree, acceptable: list[bool], logprobs: list[float]) -> int:
+    """End node of the longest root path whose nodes are all acceptable (ROOT if none); ties go to
+    the higher target logprob sum."""
+    best, best_score = ROOT, (0, 0.0)
+    reach: list[tuple[int, float] | None] = []  # (depth, logprob sum) of fully acceptable paths
+    for node, parent in enumerate(tree.parents):
+        above = (0, 0.0) if parent == ROOT else reach[parent]
+        if not acceptable[node] or above is None:
+            reach.append(None)
+            continue
+        score = (above[0] + 1, above[1] + logprobs[node])
+        reach.append(score)
+        if score > best_score:
+            best, best_score = node, score
+    return best
+
+
+def decision_for(tree: CandidateTree, end: int, next_token: int, acceptable: list[bool]) -> Decision:
+    """The Decision for accepting the root path ending at `end` (ROOT: nothing accepted)."""
+    path = tree.path_to(end)
+    return Decision(path, next_token, bool(path) and end not in set(tree.parents), acceptable)

@@ -1,0 +1,48 @@
+"""What a verifier backend does: prefill a session and judge one round's trie."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+from services.candidate_tree import CandidateTree
+from target_node.session import Session
+from target_node.strategies import Decision
+
+
+@dataclass
+class RoundResult:
+    decision: Decision
+    node_logprobs: list[float]  # target logprob (temperature 1) of every node's token
+    batch_size: int  # verify requests that shared the forward pass
+
+
+class VerifyBackend(ABC):
+    vocab_size: int  # size of the target's logits
+    max_context: int  # the model's position limit
+    strategies: tuple[str, ...]  # strategy names this backend can run
+
+    @abstractmethod
+    def describe(self) -> dict[str, str]:
+        """Backend, attention and kernel implementation in use (exported as an info metric)."""
+
+    def session_bytes(self, session: Session) -> int:
+        """Memory this backend holds for a session (its KV cache)."""
+        return 0
+
+    @abstractmethod
+    def prefill(self, session: Session) -> int:
+        """Run the session's prompt (`session.token_ids`); return the target's first token."""
+
+    @abstractmethod
+    def verify(self, session: Session, tree: CandidateTree) -> RoundResult:
+        """Judge `pending + tree` on top of the session's context; keep the accepted path's state.
+
+        On failure the session's state must be as before the call.
+        """
+
+    def close(self, session: Session) -> None:  # noqa: B027 - optional hook
+        """Release per-session state (default: nothing beyond the session object)."""
+
+    def stop(self) -> None:  # noqa: B027 - optional hook
+        """Stop background work."""

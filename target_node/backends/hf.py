@@ -1,0 +1,178 @@
+"""HF transformers backend: per-session DynamicCache, tree attention, padded batches across sessions.
+
+Concurrent sessions' verify forwards are stacked: their KV caches are right-padded into one
+batch cache, the forward runs once, and each session gets its own logits and new KV entries back.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache, PreTrainedModel
+
+from services.candidate_tree import CandidateTree
+from services.kv_cache import compact_kv, kv_nbytes
+from services.model_loading import LoadedModel
+from target_node.backends.base import RoundResult, VerifyBackend
+from target_node.batching import MicroBatcher
+from target_node.config import TargetConfig
+from target_node.session import Session
+from target_node.strategies import STRATEGIES
+from target_node.strategies.base import node_logprobs
+from target_node.tree_attention import TreeQuery, batch_inputs, build_tree_query
+
+
+@torch.inference_mode()
+def check_tree_attention(model: PreTrainedModel, model_id: str) -> None:
+    """Refuse a model that ignores custom 4D attention masks: its tree verification would be wrong.
+
+    Two sibling candidates are verified as a tree and compared with decoding each alone.
+    """
+    device = next(model.parameters()).device
+    prompt, pending, siblings = [1, 2, 3], 4, [5, 6]
+    tree = CandidateTree.from_sequences([[t] for t in siblings])
+    try:
+        cache = DynamicCache()
+        model(input_ids=torch.tensor([prompt], device=device), past_key_values=cache, use_cache=True)
+        inputs = batch_inputs([build_tree_query(pending, tree, len(prompt))], model.dtype, device)
+        tree_logits = (
+            model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                attention_mask=inputs.attention_mask,
+                past_key_values=cache,
+            )
+            .logits[0]
+            .float()
+        )
+        alone = (
+            model(input_ids=torch.tensor([[*prompt, pending, siblings[1]]], device=device))
+            .logits[0, -1]
+            .float()
+        )
+    except Exception as exc:
+        raise RuntimeError(
+            f"model {model_id} cannot run tree verification (4D attention mask): {exc}"
+        ) from exc
+    scale = alone.abs().max().clamp_min(1.0)
+    if not torch.allclose(tree_logits[2], alone, atol=float(5e-2 * scale), rtol=0):
+        raise RuntimeError(
+            f"model {model_id} ignores custom 4D attention masks, so candidates would see each other; "
+            "use a model whose attention accepts a 4D mask (e.g. Qwen2, Llama) with attn_implementation sdpa or eager"
+        )
+
+
+@dataclass
+class ForwardJob:
+    cache: DynamicCache  # the session's cache; grows by len(query.token_ids) entries
+    query: TreeQuery
+
+
+class HFBackend(VerifyBackend):
+    strategies = tuple(sorted(STRATEGIES))
+
+    def __init__(self, loaded: LoadedModel, config: TargetConfig) -> None:
+        self.model = loaded.model
+        self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
+        self.max_context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 31
+        self.device = next(self.model.parameters()).device
+        self.min_rows = config.pad_verify_rows
+        self._forward_lock = threading.Lock()  # one forward at a time: they compete for the same cores
+        check_tree_attention(self.model, loaded.model_id)
+        self.batcher: MicroBatcher[ForwardJob, torch.Tensor] = MicroBatcher(
+            self._forward_batch,
+            config.max_batch_size,
+            config.batch_wait_ms / 1000,
+            on_retry_alone=lambda job: compact_kv(job.cache, range(job.query.prefix_length)),
+            name="hf-verify-batcher",
+        )
+
+    @torch.inference_mode()
+    def prefill(self, session: Session) -> int:
+        session.cache = DynamicCache()
+        with self._forward_lock:
+            out = self.model(
+                input_ids=torch.tensor([session.token_ids], device=self.device),
+                past_key_values=session.cache,
+                use_cache=True,
+                logits_to_keep=1,
+            )
+        return session.strategy.first_token(out.logits[0, -1].float(), session.generator)
+
+    def verify(self, session: Session, tree: CandidateTree) -> RoundResult:
+        prefix = session.context_length
+        try:
+            query = build_tree_query(session.pending_token, tree, prefix)
+            logits, batch_size = self.batcher.submit(ForwardJob(session.cache, query))
+            decision = session.strategy.evaluate_posterior(logits, tree, session.generator)
+        except BaseException:
+            compact_kv(session.cache, range(prefix))  # leave the session as it was before the round
+            raise
+        compact_kv(session.cache, [*range(prefix + 1), *(prefix + 1 + n for n in decision.accepted_nodes)])
+        return RoundResult(decision, node_logprobs(logits, tree).tolist(), batch_size)
+
+    def describe(self) -> dict[str, str]:
+        return {
+            "backend": "hf",
+            "attention": str(self.model.config._attn_implementation),
+            "kernels": "torch",
+            "device": str(self.device),
+            "dtype": str(self.model.dtype).removeprefix("torch."),
+        }
+
+    def session_bytes(self, session: Session) -> int:
+        return kv_nbytes(session.cache) if session.cache is not None else 0
+
+    def close(self, session: Session) -> None:
+        session.cache = None
+
+    def stop(self) -> None:
+        self.batcher.stop()
+
+    def _forward_batch(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+        return self._batched_forward(jobs) if len(jobs) > 1 else [self._single_forward(jobs[0])]
+
+    @torch.inference_mode()
+    def _single_forward(self, job: ForwardJob) -> torch.Tensor:
+        inputs = batch_inputs([job.query], self.model.dtype, self.device, self.min_rows)
+        with self._forward_lock:
+            out = self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                attention_mask=inputs.attention_mask,
+                past_key_values=job.cache,
+                use_cache=True,
+            )
+        return out.logits[0].float()
+
+    @torch.inference_mode()
+    def _batched_forward(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+        inputs = batch_inputs([job.query for job in jobs], self.model.dtype, self.device, self.min_rows)
+        width = inputs.prefix_width
+        batch_cache = DynamicCache()
+        for layer_idx, layers in enumerate(zip(*(job.cache.layers for job in jobs), strict=True)):
+            first = layers[0].keys
+            keys = first.new_zeros((len(jobs), *first.shape[1:-2], width, first.shape[-1]))
+            values = torch.zeros_like(keys)
+            for b, layer in enumerate(layers):
+                keys[b, ..., : layer.keys.shape[-2], :] = layer.keys[0]
+                values[b, ..., : layer.values.shape[-2], :] = layer.values[0]
+            batch_cache.update(keys, values, layer_idx)
+        with self._forward_lock:
+            out = self.model(
+                input_ids=inputs.input_ids,
+                position_ids=inputs.position_ids,
+                attention_mask=inputs.attention_mask,
+                past_key_values=batch_cache,
+                use_cache=True,
+            )
+        results = []
+        for b, job in enumerate(jobs):
+            new = slice(width, width + len(job.query.token_ids))
+            for layer, batched in zip(job.cache.layers, batch_cache.layers, strict=True):
+                layer.keys = torch.cat([layer.keys, batched.keys[b : b + 1, ..., new, :]], dim=-2)
+                layer.values = torch.cat([layer.values, batched.values[b : b + 1, ..., new, :]], dim=-2)
+            results.append(out.logits[b, : len(job.query.token_ids)].float())
+        return results
