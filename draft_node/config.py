@@ -20,6 +20,9 @@ class DraftConfig(NodeConfig):
     )
     target: str = Field("127.0.0.1:50051", description="target node address host:port")
     num_speculative_tokens: int = Field(3, ge=0, le=32, description="K: draft tokens per round")
+    draft_top_k: int = Field(
+        32, ge=1, le=1024, description="when sampling, the draft keeps at most this many tokens (q)"
+    )
     max_tokens: int = Field(128, ge=1, description="default completion length")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_chars: int = Field(200_000, ge=1, description="longest prompt text accepted")

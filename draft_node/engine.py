@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import logging
+import secrets
 import threading
 import time
 from collections.abc import Iterator
 
 import grpc
+import torch
 
 from draft_node.config import DraftConfig
 from draft_node.detokenizer import IncrementalDetokenizer
 from draft_node.metrics import DraftMetrics
+from draft_node.proposers.base import draft_sampling
 from draft_node.proposers.hf import HFProposer
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from draft_node.target_client import TargetClient
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError
 from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
+from services.sampling import check_sampling
 from services.tokenizer_fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -115,8 +119,15 @@ class DraftEngine:
                 f"prompt has {len(prompt_ids)} tokens; the target's limit is {info.limits.max_prompt_tokens}"
             )
         k = min(k, info.limits.max_tree_nodes)
+        sampling = target_pb2.SamplingParams(
+            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
+        )
+        check_sampling(sampling)
+        seed = request.seed if request.HasField("seed") else secrets.randbits(63)
+        sampling.seed = seed
+        strategy = request.strategy or ("probabilistic" if request.temperature > 0 else "deterministic")
 
-        session = self.target.open_session(prompt_ids, self.fingerprint)
+        session = self.target.open_session(prompt_ids, self.fingerprint, strategy, sampling)
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.stop)
         produced = 0
         try:
@@ -128,7 +139,14 @@ class DraftEngine:
             yield chunk
             if chunk.finish_reason:
                 return
-            proposer = HFProposer(self.loaded.model, self._forward_lock)
+            proposer = HFProposer(
+                self.loaded.model,
+                self._forward_lock,
+                draft_sampling(sampling, self.config.draft_top_k),
+                torch.Generator().manual_seed(
+                    seed ^ 0x5DEECE66D
+                ),  # the draft's own stream from the same seed
+            )
             rounds = speculative_rounds(
                 proposer,
                 session,

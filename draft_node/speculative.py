@@ -8,12 +8,9 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Protocol
 
+from draft_node.proposers.base import Proposer
 from services.candidate_tree import CandidateTree
 from services.rpc.specwire.v1 import target_pb2
-
-
-class Proposer(Protocol):
-    def propose(self, context: list[int], k: int) -> list[int]: ...
 
 
 class Verifier(Protocol):
@@ -24,7 +21,7 @@ class Verifier(Protocol):
 class RoundOutcome:
     round_id: int
     token_ids: list[int]  # committed this round: accepted draft tokens, then the target's next token
-    drafted: int
+    drafted: int  # draft positions this round (the trie's depth, K)
     accepted: int
     draft_seconds: float
     verify_seconds: float  # target-side forward + decision
@@ -49,16 +46,16 @@ def speculative_rounds(
         # never draft past what the caller wants, nor past the target's context limit
         k_round = max(0, min(k, remaining - 1, max_context - len(context)))
         start = time.perf_counter()
-        draft = proposer.propose(context, k_round)
+        tree = proposer.propose(context, k_round)
         drafted_at = time.perf_counter()
-        result = target.verify(CandidateTree.from_sequences([draft]))
+        result = target.verify(tree)
         committed = [*result.accepted_token_ids, result.next_token_id][:remaining]
         context += committed
         produced += len(committed)
         yield RoundOutcome(
             round_id=round_id,
             token_ids=committed,
-            drafted=len(draft),
+            drafted=max(tree.depths(), default=0),
             accepted=len(result.accepted_token_ids),
             draft_seconds=drafted_at - start,
             verify_seconds=result.verify_seconds,

@@ -8,7 +8,7 @@ import torch
 from services.candidate_tree import ROOT, CandidateTree, SparseProbs
 from services.errors import InvalidArgument
 from services.rpc.specwire.v1 import target_pb2
-from target_node.sampling import target_probs
+from services.sampling import target_probs
 from target_node.strategies import make_strategy
 
 VOCAB = 8

@@ -7,32 +7,43 @@ import threading
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from draft_node.proposers.base import draft_token
+from services.candidate_tree import ROOT, CandidateTree
 from services.kv_cache import compact_kv
+from services.rpc.specwire.v1 import target_pb2
 
 
 class HFProposer:
-    """Greedy K-token proposals; the KV cache keeps whatever prefix the next context shares."""
+    """One K-token chain per round (greedy, or sampled with its exact q); the KV cache keeps
+    whatever prefix the next context shares with the last one."""
 
-    def __init__(self, model: PreTrainedModel, forward_lock: threading.Lock) -> None:
+    def __init__(
+        self,
+        model: PreTrainedModel,
+        forward_lock: threading.Lock,
+        sampling: target_pb2.SamplingParams | None = None,
+        generator: torch.Generator | None = None,
+    ) -> None:
         self.model = model
         self.forward_lock = forward_lock
+        self.sampling = sampling or target_pb2.SamplingParams()
+        self.generator = generator or torch.Generator()
         self.device = next(model.parameters()).device
         self.cache = DynamicCache()
         self.cached_ids: list[int] = []  # tokens whose KV entries are in self.cache
 
     @torch.inference_mode()
-    def propose(self, context: list[int], k: int) -> list[int]:
-        """Draft k tokens after `context` (prompt + everything committed so far)."""
+    def propose(self, context: list[int], k: int) -> CandidateTree:
+        tree = CandidateTree()
         if k <= 0:
-            return []
+            return tree
         shared = 0
         limit = min(len(self.cached_ids), len(context) - 1)  # feed at least one token for fresh logits
         while shared < limit and self.cached_ids[shared] == context[shared]:
             shared += 1
         compact_kv(self.cache, range(shared))
         feed = context[shared:]
-        draft: list[int] = []
-        for _ in range(k):
+        for depth in range(k):
             with self.forward_lock:
                 out = self.model(
                     input_ids=torch.tensor([feed], device=self.device),
@@ -40,7 +51,11 @@ class HFProposer:
                     use_cache=True,
                     logits_to_keep=1,
                 )
-            draft.append(int(out.logits[0, -1].argmax()))
-            feed = draft[-1:]
-        self.cached_ids = context + draft[:-1]
-        return draft
+            token, q = draft_token(out.logits[0, -1].float(), self.sampling, self.generator)
+            tree.parents.append(ROOT if depth == 0 else depth - 1)
+            tree.token_ids.append(token)
+            if q is not None:
+                tree.draft_probs.append(q)
+            feed = [token]
+        self.cached_ids = context + tree.token_ids[:-1]
+        return tree

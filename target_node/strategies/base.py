@@ -14,7 +14,7 @@ import torch
 
 from services.candidate_tree import ROOT, CandidateTree
 from services.rpc.specwire.v1 import target_pb2
-from target_node.sampling import check_sampling, sample, target_probs
+from services.sampling import check_sampling, sample, target_probs
 
 
 @dataclass

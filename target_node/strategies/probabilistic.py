@@ -14,7 +14,7 @@ import torch
 
 from services.candidate_tree import ROOT, CandidateTree, SparseProbs
 from services.errors import InvalidArgument
-from target_node.sampling import sample, target_probs
+from services.sampling import sample, target_probs
 from target_node.strategies.base import Decision, Strategy
 
 

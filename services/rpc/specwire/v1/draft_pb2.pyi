@@ -7,18 +7,28 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("prompt", "max_tokens", "apply_chat_template", "num_speculative_tokens", "stop")
+    __slots__ = ("prompt", "max_tokens", "apply_chat_template", "num_speculative_tokens", "stop", "temperature", "top_p", "top_k", "seed", "strategy")
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
     APPLY_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     NUM_SPECULATIVE_TOKENS_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STRATEGY_FIELD_NUMBER: _ClassVar[int]
     prompt: str
     max_tokens: int
     apply_chat_template: bool
     num_speculative_tokens: int
     stop: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., apply_chat_template: _Optional[bool] = ..., num_speculative_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ...) -> None: ...
+    temperature: float
+    top_p: float
+    top_k: int
+    seed: int
+    strategy: str
+    def __init__(self, prompt: _Optional[str] = ..., max_tokens: _Optional[int] = ..., apply_chat_template: _Optional[bool] = ..., num_speculative_tokens: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., temperature: _Optional[float] = ..., top_p: _Optional[float] = ..., top_k: _Optional[int] = ..., seed: _Optional[int] = ..., strategy: _Optional[str] = ...) -> None: ...
 
 class RoundStats(_message.Message):
     __slots__ = ("round", "drafted_tokens", "accepted_tokens", "draft_seconds", "verify_seconds", "round_seconds")

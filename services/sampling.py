@@ -1,4 +1,4 @@
-"""Target-side sampling: logits -> the distribution the target samples from (temperature, top-k, top-p)."""
+"""Sampling on either node: logits -> the distribution sampled from (temperature, top-k, top-p)."""
 
 from __future__ import annotations
 

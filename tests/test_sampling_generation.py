@@ -1,0 +1,57 @@
+"""Sampling through the pair: seeds reproduce, q is exactly the draft's sampling distribution."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+import torch
+
+from draft_node.proposers.base import draft_sampling, draft_token
+from services.rpc.specwire.v1 import draft_pb2, target_pb2
+from services.sampling import target_probs
+from tests.helpers import collect
+
+
+def test_draft_token_reports_the_distribution_it_sampled_from():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(50, generator=gen) * 3
+    sampling = draft_sampling(target_pb2.SamplingParams(temperature=0.8, top_p=0.95), max_top_k=8)
+    assert sampling.top_k == 8
+    counts = torch.zeros(50)
+    for _ in range(4000):
+        token, q = draft_token(logits, sampling, gen)
+        assert token in q.token_ids and len(q.token_ids) <= 8
+        counts[token] += 1
+    expected = target_probs(logits, sampling)
+    dense = torch.zeros(50)
+    dense[q.token_ids] = torch.tensor(q.probs)
+    torch.testing.assert_close(dense, expected)
+    assert (counts / counts.sum() - expected).abs().sum() / 2 < 0.05  # total variation
+    assert draft_token(logits, target_pb2.SamplingParams(), gen) == (int(logits.argmax()), None)
+
+
+def test_seeded_sampling_is_reproducible(tiny, pair_factory):
+    pair = pair_factory(tiny.draft_noisy)
+    request = dict(prompt="def add(a, b):", max_tokens=24, temperature=1.0, top_k=20, num_speculative_tokens=3)
+    first, chunks = collect(pair.draft_stub, seed=7, **request)
+    assert first == collect(pair.draft_stub, seed=7, **request)[0]
+    others = {tuple(collect(pair.draft_stub, seed=s, **request)[0]) for s in (8, 9, 10)}
+    assert len(others | {tuple(first)}) > 1
+    assert any(c.stats.accepted_tokens for c in chunks if c.HasField("stats")) or len(first) < 24
+
+
+@pytest.mark.parametrize("strategy", ["threshold", "typical", "topk"])
+def test_lossy_strategies_run_end_to_end(tiny, pair_factory, strategy):
+    pair = pair_factory(tiny.draft_noisy)
+    tokens, _ = collect(pair.draft_stub, prompt="The quick brown fox", max_tokens=16, temperature=0.7, seed=1,
+                        strategy=strategy)
+    assert tokens
+
+
+def test_bad_sampling_parameters(tiny, pair_factory):
+    pair = pair_factory(tiny.draft_noisy)
+    for request in (dict(temperature=-1.0), dict(temperature=1.0, top_p=2.0), dict(strategy="nope"),
+                    dict(temperature=0.5, strategy="deterministic")):
+        with pytest.raises(grpc.RpcError) as info:
+            list(pair.draft_stub.Generate(draft_pb2.GenerateRequest(prompt="hi", max_tokens=4, **request)))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
