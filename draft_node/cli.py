@@ -141,7 +141,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         _setup_logging("INFO")
         target = start_target(TargetConfig(model=args.target_model, port=0, metrics_port=0))
         draft = start_draft(
-            DraftConfig(model=args.draft_model, port=0, metrics_port=0, target=f"127.0.0.1:{target.port}")
+            DraftConfig(
+                model=args.draft_model,
+                port=0,
+                metrics_port=0,
+                http_port=-1,
+                target=f"127.0.0.1:{target.port}",
+            )
         )
         try:
             with grpc.insecure_channel(f"127.0.0.1:{draft.port}") as channel:

@@ -18,6 +18,12 @@ class DraftConfig(NodeConfig):
     metrics_port: int = Field(
         9102, ge=-1, description="Prometheus /metrics port (0: pick a free one, -1: off)"
     )
+    http_port: int = Field(
+        8000, ge=-1, description="OpenAI-compatible HTTP API port (0: pick a free one, -1: off)"
+    )
+    served_model_name: str = Field(
+        "", description="model name in the OpenAI API (default: the draft's target model id)"
+    )
     target: str = Field("127.0.0.1:50051", description="target node address host:port")
     num_speculative_tokens: int = Field(3, ge=0, le=32, description="K: draft tokens per round")
     draft_top_k: int = Field(

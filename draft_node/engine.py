@@ -71,23 +71,31 @@ class DraftEngine:
                 f"prompt has {len(request.prompt)} characters; the limit is {self.config.max_prompt_chars}"
             )
         if request.apply_chat_template:
-            if not self.tokenizer.chat_template:
-                raise InvalidArgument(f"model {self.loaded.model_id} has no chat template")
-            ids = self.tokenizer.apply_chat_template(
-                [{"role": "user", "content": request.prompt}],
-                add_generation_prompt=True,
-                tokenize=True,
-                return_dict=False,
-            )
-        else:
-            ids = self.tokenizer.encode(request.prompt)
+            return self.encode_chat([{"role": "user", "content": request.prompt}])
+        return [int(i) for i in self.tokenizer.encode(request.prompt)]
+
+    def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
+        """Token ids of a conversation through the model's chat template, ready for the reply."""
+        if not self.tokenizer.chat_template:
+            raise InvalidArgument(f"model {self.loaded.model_id} has no chat template")
+        if not messages:
+            raise InvalidArgument("messages is empty")
+        if sum(len(m.get("content") or "") for m in messages) > self.config.max_prompt_chars:
+            raise InvalidArgument(f"messages exceed {self.config.max_prompt_chars} characters")
+        ids = self.tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=False
+        )
         return [int(i) for i in ids]
 
-    def generate(self, request: draft_pb2.GenerateRequest) -> Iterator[draft_pb2.GenerateChunk]:
-        """Stream one chunk for the target's first token, then one per speculative round."""
+    def generate(
+        self, request: draft_pb2.GenerateRequest, prompt_ids: list[int] | None = None
+    ) -> Iterator[draft_pb2.GenerateChunk]:
+        """Stream one chunk for the target's first token, then one per speculative round.
+
+        `prompt_ids` replaces the request's prompt text when the caller tokenized already (chat)."""
         status = "ok"
         try:
-            yield from self._generate(request, time.perf_counter())
+            yield from self._generate(request, prompt_ids, time.perf_counter())
         except GeneratorExit:
             status = "cancelled"
             raise
@@ -104,9 +112,9 @@ class DraftEngine:
             self.metrics.requests.labels(status).inc()
 
     def _generate(
-        self, request: draft_pb2.GenerateRequest, start: float
+        self, request: draft_pb2.GenerateRequest, prompt_ids: list[int] | None, start: float
     ) -> Iterator[draft_pb2.GenerateChunk]:
-        prompt_ids = self.encode_prompt(request)
+        prompt_ids = self.encode_prompt(request) if prompt_ids is None else prompt_ids
         max_tokens = request.max_tokens or self.config.max_tokens
         if max_tokens > self.config.max_tokens_limit:
             raise InvalidArgument(f"max_tokens {max_tokens} above the limit {self.config.max_tokens_limit}")

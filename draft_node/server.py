@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry
 from draft_node.config import DraftConfig
 from draft_node.engine import DraftEngine
 from draft_node.metrics import DraftMetrics
+from draft_node.openai_api import HttpServer, create_app
 from draft_node.servicer import DraftServicer
 from draft_node.target_client import TargetClient
 from services.grpc_server import RunningServer, start_node
@@ -25,19 +26,32 @@ def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> Runni
     target = TargetClient(config.target, config.target_timeout_s, config.generation_timeout_s)
     metrics = DraftMetrics(CollectorRegistry())
     engine = DraftEngine(loaded, target, config, metrics)
+    http = (
+        HttpServer(create_app(engine, config.served_model_name), config.host, config.http_port)
+        if config.http_port >= 0
+        else None
+    )
+
+    def cleanup() -> None:
+        if http is not None:
+            http.stop()
+        target.close()
+
     running = start_node(
         [(draft_pb2_grpc.add_DraftServiceServicer_to_server, DraftServicer(engine), SERVICE_NAME)],
         config,
         engine,
-        target.close,
+        cleanup,
         metrics.registry,
     )
+    running.http_port = http.port if http else None
     log.info(
-        "draft %s serving on %s:%d, target %s, metrics port %s",
+        "draft %s serving gRPC on %s:%d, HTTP port %s, metrics port %s; target %s",
         loaded.model_id,
         config.host,
         running.port,
-        config.target,
+        running.http_port,
         running.metrics_port,
+        config.target,
     )
     return running

@@ -29,6 +29,7 @@ class RunningServer(Generic[NodeT]):
     node: NodeT
     cleanup: Callable[[], None]
     metrics_port: int | None = None  # where /metrics is served (None: off)
+    http_port: int | None = None  # the OpenAI-compatible API (draft node; None: off)
 
     def stop(self, grace_s: float = 5.0) -> None:
         """Report NOT_SERVING, let in-flight calls finish for up to `grace_s`, then clean up."""

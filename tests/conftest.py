@@ -65,6 +65,7 @@ def start_pair(
         model=draft_dir,
         port=0,
         metrics_port=0,
+        http_port=0,
         target=f"127.0.0.1:{target.port}",
         workers=4,
         **draft_overrides,

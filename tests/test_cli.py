@@ -115,6 +115,8 @@ def test_target_draft_generate_as_separate_processes(tiny):
             "4",
             "--metrics-port",
             str(draft_metrics),
+            "--http-port",
+            "0",
         ],
         stderr=subprocess.PIPE,
         text=True,

@@ -32,7 +32,9 @@ def test_draft_token_reports_the_distribution_it_sampled_from():
 
 def test_seeded_sampling_is_reproducible(tiny, pair_factory):
     pair = pair_factory(tiny.draft_noisy)
-    request = dict(prompt="def add(a, b):", max_tokens=24, temperature=1.0, top_k=20, num_speculative_tokens=3)
+    request = dict(
+        prompt="def add(a, b):", max_tokens=24, temperature=1.0, top_k=20, num_speculative_tokens=3
+    )
     first, chunks = collect(pair.draft_stub, seed=7, **request)
     assert first == collect(pair.draft_stub, seed=7, **request)[0]
     others = {tuple(collect(pair.draft_stub, seed=s, **request)[0]) for s in (8, 9, 10)}
@@ -43,15 +45,25 @@ def test_seeded_sampling_is_reproducible(tiny, pair_factory):
 @pytest.mark.parametrize("strategy", ["threshold", "typical", "topk"])
 def test_lossy_strategies_run_end_to_end(tiny, pair_factory, strategy):
     pair = pair_factory(tiny.draft_noisy)
-    tokens, _ = collect(pair.draft_stub, prompt="The quick brown fox", max_tokens=16, temperature=0.7, seed=1,
-                        strategy=strategy)
+    tokens, _ = collect(
+        pair.draft_stub,
+        prompt="The quick brown fox",
+        max_tokens=16,
+        temperature=0.7,
+        seed=1,
+        strategy=strategy,
+    )
     assert tokens
 
 
 def test_bad_sampling_parameters(tiny, pair_factory):
     pair = pair_factory(tiny.draft_noisy)
-    for request in (dict(temperature=-1.0), dict(temperature=1.0, top_p=2.0), dict(strategy="nope"),
-                    dict(temperature=0.5, strategy="deterministic")):
+    for request in (
+        dict(temperature=-1.0),
+        dict(temperature=1.0, top_p=2.0),
+        dict(strategy="nope"),
+        dict(temperature=0.5, strategy="deterministic"),
+    ):
         with pytest.raises(grpc.RpcError) as info:
             list(pair.draft_stub.Generate(draft_pb2.GenerateRequest(prompt="hi", max_tokens=4, **request)))
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
