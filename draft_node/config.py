@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Self
+from typing import Literal, Self
 
 from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
@@ -25,6 +25,18 @@ class DraftConfig(NodeConfig):
         "", description="model name in the OpenAI API (default: the draft's target model id)"
     )
     target: str = Field("127.0.0.1:50051", description="target node address host:port")
+    proposer: Literal["hf", "vllm", "ngram"] = Field(
+        "hf", description="how drafts are made: HF model, vLLM engine, or prompt lookup (n-gram, no model)"
+    )
+    num_candidates: int = Field(
+        1, ge=1, le=16, description="N: candidate continuations per round (vllm, ngram)"
+    )
+    vllm_max_model_len: int = Field(4096, ge=64, description="vllm proposer: engine context length")
+    vllm_block_size: int = Field(
+        32, ge=1, description="vllm proposer: KV block size (the CPU build needs a multiple of 32)"
+    )
+    ngram_min: int = Field(1, ge=1, description="ngram: shortest suffix to look up")
+    ngram_max: int = Field(4, ge=1, description="ngram: longest suffix to look up")
     num_speculative_tokens: int = Field(3, ge=0, le=32, description="K: draft tokens per round")
     draft_top_k: int = Field(
         32, ge=1, le=1024, description="when sampling, the draft keeps at most this many tokens (q)"

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import secrets
-import threading
 import time
 from collections.abc import Iterator
 
@@ -14,12 +13,11 @@ import torch
 from draft_node.config import DraftConfig
 from draft_node.detokenizer import IncrementalDetokenizer
 from draft_node.metrics import DraftMetrics
+from draft_node.proposers import Drafter
 from draft_node.proposers.base import draft_sampling
-from draft_node.proposers.hf import HFProposer
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from draft_node.target_client import TargetClient
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError
-from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 from services.sampling import check_sampling
 from services.tokenizer_fingerprint import tokenizer_fingerprint
@@ -27,28 +25,19 @@ from services.tokenizer_fingerprint import tokenizer_fingerprint
 log = logging.getLogger(__name__)
 
 
-def eos_token_ids(loaded: LoadedModel) -> set[int]:
-    """EOS ids from the tokenizer and the generation config (instruct models often list several)."""
-    ids = {loaded.tokenizer.eos_token_id}
-    configured = getattr(loaded.model.generation_config, "eos_token_id", None)
-    ids.update(configured if isinstance(configured, list) else [configured])
-    return {i for i in ids if i is not None}
-
-
 class DraftEngine:
     """Shared by all concurrent generations: one draft model, one target connection."""
 
     def __init__(
-        self, loaded: LoadedModel, target: TargetClient, config: DraftConfig, metrics: DraftMetrics
+        self, drafter: Drafter, target: TargetClient, config: DraftConfig, metrics: DraftMetrics
     ) -> None:
-        self.loaded = loaded
+        self.drafter = drafter
         self.metrics = metrics
-        self.tokenizer = loaded.tokenizer
+        self.tokenizer = drafter.tokenizer
         self.target = target
         self.config = config
-        self.fingerprint = tokenizer_fingerprint(loaded.tokenizer)
-        self.eos_ids = eos_token_ids(loaded)
-        self._forward_lock = threading.Lock()
+        self.fingerprint = tokenizer_fingerprint(drafter.tokenizer)
+        self.eos_ids = drafter.eos_ids
         self._target_info: target_pb2.InfoResponse | None = None
 
     def target_info(self) -> target_pb2.InfoResponse:
@@ -57,7 +46,7 @@ class DraftEngine:
             info = self.target.info()
             if info.tokenizer_fingerprint != self.fingerprint:
                 raise FailedPrecondition(
-                    f"draft model {self.loaded.model_id} and target model {info.model_id} use different "
+                    f"draft model {self.drafter.model_id} and target model {info.model_id} use different "
                     "tokenizers; speculative decoding needs one shared vocabulary"
                 )
             self._target_info = info
@@ -77,7 +66,7 @@ class DraftEngine:
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation through the model's chat template, ready for the reply."""
         if not self.tokenizer.chat_template:
-            raise InvalidArgument(f"model {self.loaded.model_id} has no chat template")
+            raise InvalidArgument(f"model {self.drafter.model_id} has no chat template")
         if not messages:
             raise InvalidArgument("messages is empty")
         if sum(len(m.get("content") or "") for m in messages) > self.config.max_prompt_chars:
@@ -147,14 +136,9 @@ class DraftEngine:
             yield chunk
             if chunk.finish_reason:
                 return
-            proposer = HFProposer(
-                self.loaded.model,
-                self._forward_lock,
-                draft_sampling(sampling, self.config.draft_top_k),
-                torch.Generator().manual_seed(
-                    seed ^ 0x5DEECE66D
-                ),  # the draft's own stream from the same seed
-            )
+            # the draft's own random stream, derived from the same seed
+            generator = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
+            proposer = self.drafter.new_proposer(draft_sampling(sampling, self.config.draft_top_k), generator)
             rounds = speculative_rounds(
                 proposer,
                 session,

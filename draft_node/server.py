@@ -10,10 +10,11 @@ from draft_node.config import DraftConfig
 from draft_node.engine import DraftEngine
 from draft_node.metrics import DraftMetrics
 from draft_node.openai_api import HttpServer, create_app
+from draft_node.proposers import load_drafter
 from draft_node.servicer import DraftServicer
 from draft_node.target_client import TargetClient
 from services.grpc_server import RunningServer, start_node
-from services.model_loading import LoadedModel, load_model
+from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
 
 log = logging.getLogger(__name__)
@@ -22,10 +23,10 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> RunningServer[DraftEngine]:
     """Load the draft model (unless given), connect to the target and start serving."""
-    loaded = loaded or load_model(config.model, config.dtype, config.cache_dir)
+    drafter = load_drafter(config, loaded)
     target = TargetClient(config.target, config.target_timeout_s, config.generation_timeout_s)
     metrics = DraftMetrics(CollectorRegistry())
-    engine = DraftEngine(loaded, target, config, metrics)
+    engine = DraftEngine(drafter, target, config, metrics)
     http = (
         HttpServer(create_app(engine, config.served_model_name), config.host, config.http_port)
         if config.http_port >= 0
@@ -36,6 +37,7 @@ def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> Runni
         if http is not None:
             http.stop()
         target.close()
+        drafter.stop()
 
     running = start_node(
         [(draft_pb2_grpc.add_DraftServiceServicer_to_server, DraftServicer(engine), SERVICE_NAME)],
@@ -47,7 +49,7 @@ def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> Runni
     running.http_port = http.port if http else None
     log.info(
         "draft %s serving gRPC on %s:%d, HTTP port %s, metrics port %s; target %s",
-        loaded.model_id,
+        drafter.model_id,
         config.host,
         running.port,
         running.http_port,

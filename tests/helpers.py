@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import torch
 
-from draft_node.engine import eos_token_ids
+from draft_node.proposers import eos_token_ids
 from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
 
 
 def target_only_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """HF `generate` greedy on the target alone, cut before the first EOS."""
-    eos = sorted(eos_token_ids(loaded))
+    eos = sorted(eos_token_ids(loaded.tokenizer, loaded.model.generation_config))
     with torch.inference_mode():
         out = loaded.model.generate(
             torch.tensor([prompt_ids]),

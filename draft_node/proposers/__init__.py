@@ -1,0 +1,81 @@
+"""Proposers (one per file: hf, vllm, ngram) and the drafter that makes one per generation."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import GenerationConfig, PreTrainedTokenizerBase
+
+from draft_node.config import DraftConfig
+from draft_node.proposers.base import Proposer
+from services.model_loading import LoadedModel, load_model, load_tokenizer, resolve_model_dir
+from services.rpc.specwire.v1 import target_pb2
+
+ProposerFactory = Callable[[target_pb2.SamplingParams, torch.Generator], Proposer]
+
+
+def eos_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None) -> set[int]:
+    """EOS ids from the tokenizer and the generation config (instruct models often list several)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(generation_config, "eos_token_id", None)
+    ids.update(configured if isinstance(configured, list) else [configured])
+    return {i for i in ids if i is not None}
+
+
+@dataclass
+class Drafter:
+    """What the draft node needs from its draft side: tokenizer, EOS ids, a proposer per generation."""
+
+    model_id: str
+    tokenizer: PreTrainedTokenizerBase
+    eos_ids: set[int]
+    new_proposer: ProposerFactory
+    stop: Callable[[], None] = field(default=lambda: None)
+
+
+def _generation_config(model_dir: Path) -> GenerationConfig | None:
+    try:
+        return GenerationConfig.from_pretrained(model_dir)
+    except OSError:
+        return None
+
+
+def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Drafter:
+    if config.proposer == "hf":
+        from draft_node.proposers.hf import HFProposer
+
+        loaded = loaded or load_model(config.model, config.dtype, config.cache_dir)
+        lock = threading.Lock()  # concurrent generations take turns on the one model
+        eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
+        return Drafter(
+            loaded.model_id,
+            loaded.tokenizer,
+            eos,
+            lambda sampling, gen: HFProposer(loaded.model, lock, sampling, gen),
+        )
+    model_dir = resolve_model_dir(config.model, config.cache_dir)  # ngram: the tokenizer's source
+    tokenizer = load_tokenizer(model_dir)
+    eos = eos_token_ids(tokenizer, _generation_config(model_dir))
+    if config.proposer == "ngram":
+        from draft_node.proposers.ngram import NgramProposer
+
+        return Drafter(
+            f"ngram:{model_dir.name}",
+            tokenizer,
+            eos,
+            lambda sampling, gen: NgramProposer(config.ngram_min, config.ngram_max, config.num_candidates),
+        )
+    from draft_node.proposers.vllm import VllmDraftModel, VllmProposer
+
+    engine = VllmDraftModel(str(model_dir), config)
+    return Drafter(
+        model_dir.name,
+        tokenizer,
+        eos,
+        lambda sampling, gen: VllmProposer(engine, sampling, config.num_candidates, gen),
+        stop=engine.stop,
+    )

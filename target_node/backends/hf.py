@@ -12,11 +12,11 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache, PreTrainedModel
 
+from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
 from services.kv_cache import compact_kv, kv_nbytes
 from services.model_loading import LoadedModel
 from target_node.backends.base import RoundResult, VerifyBackend
-from target_node.batching import MicroBatcher
 from target_node.config import TargetConfig
 from target_node.session import Session
 from target_node.strategies import STRATEGIES

