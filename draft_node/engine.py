@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Iterator
 
@@ -11,6 +12,7 @@ import grpc
 import torch
 
 from draft_node.config import DraftConfig
+from draft_node.controller import AdaptiveController, FixedController
 from draft_node.detokenizer import IncrementalDetokenizer
 from draft_node.metrics import DraftMetrics
 from draft_node.proposers import Drafter
@@ -39,6 +41,8 @@ class DraftEngine:
         self.fingerprint = tokenizer_fingerprint(drafter.tokenizer)
         self.eos_ids = drafter.eos_ids
         self._target_info: target_pb2.InfoResponse | None = None
+        self._adaptive: AdaptiveController | None = None
+        self._controller_lock = threading.Lock()
 
     def target_info(self) -> target_pb2.InfoResponse:
         """The target's info, fetched once; refuses a target with another tokenizer."""
@@ -107,15 +111,19 @@ class DraftEngine:
         max_tokens = request.max_tokens or self.config.max_tokens
         if max_tokens > self.config.max_tokens_limit:
             raise InvalidArgument(f"max_tokens {max_tokens} above the limit {self.config.max_tokens_limit}")
-        k = request.num_speculative_tokens or self.config.num_speculative_tokens
-        if k > 32:
-            raise InvalidArgument(f"num_speculative_tokens {k} above the limit 32")
+        if request.num_speculative_tokens > 32:
+            raise InvalidArgument(
+                f"num_speculative_tokens {request.num_speculative_tokens} above the limit 32"
+            )
         info = self.target_info()
         if len(prompt_ids) > info.limits.max_prompt_tokens:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the target's limit is {info.limits.max_prompt_tokens}"
             )
-        k = min(k, info.limits.max_tree_nodes)
+        # a seeded request keeps K/N fixed: the random streams it consumes depend on the trie shapes
+        controller = self._controller(
+            request.num_speculative_tokens, info.limits.max_tree_nodes, fixed=request.HasField("seed")
+        )
         sampling = target_pb2.SamplingParams(
             temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
         )
@@ -143,14 +151,14 @@ class DraftEngine:
                 proposer,
                 session,
                 [*prompt_ids, session.first_token_id],
-                k,
+                controller,
                 max_tokens - produced,
                 info.limits.max_context_tokens,
             )
             for outcome in rounds:
                 produced += len(outcome.token_ids)
                 chunk = self._chunk(outcome.token_ids, outcome, detokenizer, produced >= max_tokens)
-                self._record_round(outcome, k, len(chunk.token_ids))
+                self._record_round(outcome, len(chunk.token_ids))
                 yield chunk
                 if chunk.finish_reason:
                     return
@@ -160,7 +168,26 @@ class DraftEngine:
             if produced > 1:
                 self.metrics.tpot_seconds.observe((time.perf_counter() - first_token_at) / (produced - 1))
 
-    def _record_round(self, outcome: RoundOutcome, k: int, streamed: int) -> None:
+    def _controller(
+        self, requested_k: int, max_tree_nodes: int, fixed: bool
+    ) -> FixedController | AdaptiveController:
+        """Fixed K/N when the request names K, is seeded, or adaptation is off; else the shared adaptive one."""
+        n = min(self.config.num_candidates, self.drafter.max_candidates)
+        if requested_k or fixed or not self.config.adaptive:
+            k = requested_k or self.config.num_speculative_tokens
+            return FixedController(max(1, min(k, max_tree_nodes // n)), n)
+        with self._controller_lock:
+            if self._adaptive is None:
+                k_max = max(1, min(self.config.k_max, max_tree_nodes // n))
+                self._adaptive = AdaptiveController(
+                    (1, k_max),
+                    (1, n),
+                    (self.config.num_speculative_tokens, n),
+                    on_change=lambda old, new, why: self.metrics.controller_changes.inc(),
+                )
+            return self._adaptive
+
+    def _record_round(self, outcome: RoundOutcome, streamed: int) -> None:
         m = self.metrics
         m.rounds.inc()
         m.drafted_tokens.inc(outcome.drafted)
@@ -176,8 +203,8 @@ class DraftEngine:
         network = outcome.round_seconds - outcome.draft_seconds - outcome.verify_seconds
         m.round_phase_seconds.labels("network").observe(max(0.0, network))
         m.generated_tokens.inc(streamed)
-        m.num_speculative_tokens.set(k)
-        m.num_candidates.set(1)
+        m.num_speculative_tokens.set(outcome.drafted)
+        m.num_candidates.set(outcome.num_candidates)
 
     def _chunk(
         self,

@@ -77,6 +77,11 @@ class DraftMetrics:
         self.num_candidates = Gauge(
             "specwire_draft_num_candidates", "N of the latest round", registry=registry
         )
+        self.controller_changes = Counter(
+            "specwire_draft_controller_changes_total",
+            "K/N changes made by the adaptive controller",
+            registry=registry,
+        )
         for phase in PHASES:
             self.round_phase_seconds.labels(phase)
         self.requests.labels("ok")

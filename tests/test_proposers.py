@@ -13,10 +13,10 @@ PROMPTS = ["def add(a, b):\n    return a + b\ndef add(a, b):", "The quick brown 
 
 def test_ngram_proposes_what_followed_the_latest_match():
     context = [1, 2, 3, 9, 1, 2, 3, 7, 5, 1, 2, 3]
-    tree = NgramProposer(n_min=1, n_max=3, num_candidates=2).propose(context, k=2)
+    tree = NgramProposer(n_min=1, n_max=3).propose(context, k=2, n=2)
     assert tree.token_ids == [7, 5, 9, 1] and tree.parents == [ROOT, 0, ROOT, 2]
     assert len(NgramProposer().propose([4, 5, 6], k=3)) == 0  # nothing repeats
-    assert NgramProposer(num_candidates=1).propose(context, k=1).token_ids == [7]
+    assert NgramProposer().propose(context, k=1, n=1).token_ids == [7]
 
 
 def check_pair_greedy(pair, target_model, k=3):

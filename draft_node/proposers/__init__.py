@@ -34,6 +34,7 @@ class Drafter:
     tokenizer: PreTrainedTokenizerBase
     eos_ids: set[int]
     new_proposer: ProposerFactory
+    max_candidates: int  # the largest N this drafter makes per round
     stop: Callable[[], None] = field(default=lambda: None)
 
 
@@ -56,6 +57,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
             loaded.tokenizer,
             eos,
             lambda sampling, gen: HFProposer(loaded.model, lock, sampling, gen),
+            max_candidates=1,
         )
     model_dir = resolve_model_dir(config.model, config.cache_dir)  # ngram: the tokenizer's source
     tokenizer = load_tokenizer(model_dir)
@@ -67,7 +69,8 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
             f"ngram:{model_dir.name}",
             tokenizer,
             eos,
-            lambda sampling, gen: NgramProposer(config.ngram_min, config.ngram_max, config.num_candidates),
+            lambda sampling, gen: NgramProposer(config.ngram_min, config.ngram_max),
+            max_candidates=config.num_candidates,
         )
     from draft_node.proposers.vllm import VllmDraftModel, VllmProposer
 
@@ -76,6 +79,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
         model_dir.name,
         tokenizer,
         eos,
-        lambda sampling, gen: VllmProposer(engine, sampling, config.num_candidates, gen),
+        lambda sampling, gen: VllmProposer(engine, sampling, gen),
+        max_candidates=config.num_candidates,
         stop=engine.stop,
     )

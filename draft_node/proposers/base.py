@@ -12,8 +12,8 @@ from services.sampling import sample, target_probs
 
 
 class Proposer(Protocol):
-    def propose(self, context: list[int], k: int) -> CandidateTree:
-        """Candidates of up to `k` tokens after `context` (prompt + everything committed so far)."""
+    def propose(self, context: list[int], k: int, n: int) -> CandidateTree:
+        """Up to `n` candidates of up to `k` tokens after `context` (prompt + everything committed)."""
         ...
 
 

@@ -33,7 +33,8 @@ class HFProposer:
         self.cached_ids: list[int] = []  # tokens whose KV entries are in self.cache
 
     @torch.inference_mode()
-    def propose(self, context: list[int], k: int) -> CandidateTree:
+    def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
+        """One chain (this proposer drafts a single candidate; `n` is ignored)."""
         tree = CandidateTree()
         if k <= 0:
             return tree

@@ -11,21 +11,21 @@ from services.candidate_tree import CandidateTree
 
 
 class NgramProposer:
-    def __init__(self, n_min: int = 1, n_max: int = 4, num_candidates: int = 1) -> None:
-        self.n_min, self.n_max, self.num_candidates = n_min, n_max, num_candidates
+    def __init__(self, n_min: int = 1, n_max: int = 4) -> None:
+        self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, context: list[int], k: int) -> CandidateTree:
+    def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
         if k <= 0:
             return CandidateTree()
-        for n in range(min(self.n_max, len(context) - 1), self.n_min - 1, -1):
-            suffix = context[-n:]
+        for size in range(min(self.n_max, len(context) - 1), self.n_min - 1, -1):
+            suffix = context[-size:]
             candidates: list[list[int]] = []
-            for start in range(len(context) - n - 1, -1, -1):  # most recent occurrence first
-                if context[start : start + n] == suffix:
-                    continuation = context[start + n : start + n + k]
+            for start in range(len(context) - size - 1, -1, -1):  # most recent occurrence first
+                if context[start : start + size] == suffix:
+                    continuation = context[start + size : start + size + k]
                     if continuation and continuation not in candidates:
                         candidates.append(continuation)
-                        if len(candidates) == self.num_candidates:
+                        if len(candidates) == n:
                             break
             if candidates:
                 return CandidateTree.from_sequences(candidates)

@@ -53,18 +53,13 @@ def sparse_q(logprobs: dict, exclude: set[int]) -> SparseProbs:
 
 class VllmProposer:
     def __init__(
-        self,
-        model: VllmDraftModel,
-        sampling: target_pb2.SamplingParams,
-        num_candidates: int,
-        generator: torch.Generator,
+        self, model: VllmDraftModel, sampling: target_pb2.SamplingParams, generator: torch.Generator
     ) -> None:
         self.model = model
         self.sampling = sampling
-        self.num_candidates = num_candidates
         self.generator = generator
 
-    def propose(self, context: list[int], k: int) -> CandidateTree:
+    def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
         from vllm import SamplingParams
 
         if k <= 0:
@@ -72,7 +67,7 @@ class VllmProposer:
         seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
         top_k = self.sampling.top_k or self.model.draft_top_k
         sampled = SamplingParams(
-            n=self.num_candidates,
+            n=n,
             max_tokens=k,
             temperature=self.sampling.temperature or 1.0,
             top_p=self.sampling.top_p or 1.0,
@@ -84,8 +79,8 @@ class VllmProposer:
         jobs = [(context, sampled)]
         if greedy:
             jobs = [(context, SamplingParams(n=1, max_tokens=k, temperature=0.0))]
-            if self.num_candidates > 1:
-                sampled.n = self.num_candidates - 1
+            if n > 1:
+                sampled.n = n - 1
                 jobs.append((context, sampled))
         outputs, _ = self.model.engine.generate(jobs)
         sequences = [seq for out in outputs for seq in out.outputs]
