@@ -154,6 +154,7 @@ class DraftEngine:
                 controller,
                 max_tokens - produced,
                 info.limits.max_context_tokens,
+                pipeline=self.config.pipeline,
             )
             for outcome in rounds:
                 produced += len(outcome.token_ids)
@@ -205,6 +206,8 @@ class DraftEngine:
         m.generated_tokens.inc(streamed)
         m.num_speculative_tokens.set(outcome.drafted)
         m.num_candidates.set(outcome.num_candidates)
+        if outcome.pipeline:
+            m.pipeline_rounds.labels(outcome.pipeline).inc()
 
     def _chunk(
         self,
@@ -231,5 +234,6 @@ class DraftEngine:
                 draft_seconds=outcome.draft_seconds,
                 verify_seconds=outcome.verify_seconds,
                 round_seconds=outcome.round_seconds,
+                pipeline=outcome.pipeline,
             )
         return draft_pb2.GenerateChunk(text=text, token_ids=token_ids, stats=stats, finish_reason=finish)

@@ -77,6 +77,12 @@ class DraftMetrics:
         self.num_candidates = Gauge(
             "specwire_draft_num_candidates", "N of the latest round", registry=registry
         )
+        self.pipeline_rounds = Counter(
+            "specwire_draft_pipeline_rounds_total",
+            "Rounds that had a trie drafted ahead, by result (hit, miss)",
+            ["result"],
+            registry=registry,
+        )
         self.controller_changes = Counter(
             "specwire_draft_controller_changes_total",
             "K/N changes made by the adaptive controller",

@@ -1,15 +1,23 @@
-"""The speculative loop: draft a candidate trie, verify it on the target, commit accepted + next token."""
+"""The speculative loop: draft a candidate trie, verify it on the target, commit accepted + next token.
+
+With pipelining, while round r is being verified the proposer already drafts round r + 1 on the
+assumption that r's leading candidate is accepted whole: it drafts one token more, whose
+alternatives are guesses of the target's bonus token. If the assumption holds and one guess is
+the target's bonus token, round r + 1 starts with its trie ready (a hit); otherwise it is
+discarded (a miss) and round r + 1 drafts normally. Outputs are the same either way.
+"""
 
 from __future__ import annotations
 
 import itertools
 import time
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol
 
 from draft_node.proposers.base import Proposer
-from services.candidate_tree import CandidateTree
+from services.candidate_tree import ROOT, CandidateTree
 from services.rpc.specwire.v1 import target_pb2
 
 
@@ -30,9 +38,36 @@ class RoundOutcome:
     num_candidates: int  # N asked of the proposer
     drafted: int  # draft positions this round (the trie's depth, K)
     accepted: int
-    draft_seconds: float
+    draft_seconds: float  # time spent drafting before the verify was sent (about 0 on a pipeline hit)
     verify_seconds: float  # target-side forward + decision
     round_seconds: float  # wall clock of the whole round (draft + network + verify)
+    pipeline: str = ""  # "hit" / "miss" when the previous round drafted ahead, else ""
+
+
+@dataclass
+class DraftAhead:
+    context: list[int]  # the context it assumed: leading path accepted, then the guessed bonus token
+    tree: CandidateTree
+
+
+def draft_ahead(proposer: Proposer, context: list[int], tree: CandidateTree, k: int, n: int) -> CandidateTree:
+    """The next round's trie, drafted as if `tree`'s leading path were accepted; its root children
+    are guesses of the bonus token."""
+    return proposer.propose(context + [tree.token_ids[i] for i in tree.leading_path()], k + 1, n)
+
+
+def use_ahead(
+    ahead: CandidateTree, context: list[int], tree: CandidateTree, result: target_pb2.VerifyResponse
+) -> DraftAhead | None:
+    """The drafted-ahead subtree under the target's actual bonus token, if the assumption held."""
+    path = tree.leading_path()
+    if not path or list(result.accepted_node_ids) != path:
+        return None
+    for node, (parent, token) in enumerate(zip(ahead.parents, ahead.token_ids, strict=True)):
+        if parent == ROOT and token == result.next_token_id:
+            assumed = context + [tree.token_ids[i] for i in path] + [token]
+            return DraftAhead(assumed, ahead.subtree(node))
+    return None
 
 
 def speculative_rounds(
@@ -42,6 +77,7 @@ def speculative_rounds(
     controller: Controller,
     max_new_tokens: int,
     max_context: int,
+    pipeline: bool = False,
 ) -> Iterator[RoundOutcome]:
     """Run rounds until `max_new_tokens` more tokens are committed or the context is full.
 
@@ -52,29 +88,43 @@ def speculative_rounds(
     """
     context = list(context)
     produced = 0
-    for round_id in itertools.count():
-        remaining = max_new_tokens - produced
-        if remaining <= 0 or len(context) > max_context:
-            return
-        k, n = controller.choose()
-        # never draft past what the caller wants, nor past the target's context limit
-        k_round = max(0, min(k, remaining - 1, max_context - len(context)))
-        start = time.perf_counter()
-        tree = proposer.propose(context, k_round, n)
-        drafted_at = time.perf_counter()
-        result = target.verify(tree)
-        committed = [*result.accepted_token_ids, result.next_token_id][:remaining]
-        round_seconds = time.perf_counter() - start
-        controller.observe((k, n), len(committed), round_seconds)
-        context += committed
-        produced += len(committed)
-        yield RoundOutcome(
-            round_id=round_id,
-            token_ids=committed,
-            num_candidates=n,
-            drafted=max(tree.depths(), default=0),
-            accepted=len(result.accepted_token_ids),
-            draft_seconds=drafted_at - start,
-            verify_seconds=result.verify_seconds,
-            round_seconds=round_seconds,
-        )
+    ready: DraftAhead | None = None
+    drafted_ahead = False
+    with ThreadPoolExecutor(1, thread_name_prefix="verify") as executor:
+        for round_id in itertools.count():
+            remaining = max_new_tokens - produced
+            if remaining <= 0 or len(context) > max_context:
+                return
+            k, n = controller.choose()
+            # never draft past what the caller wants, nor past the target's context limit
+            k_round = max(0, min(k, remaining - 1, max_context - len(context)))
+            start = time.perf_counter()
+            hit = ready is not None and ready.context == context and len(ready.tree) > 0
+            status = ("hit" if hit else "miss") if drafted_ahead else ""
+            tree = ready.tree.truncated(k_round) if hit else proposer.propose(context, k_round, n)
+            drafted_at = time.perf_counter()
+            ahead = None
+            if pipeline and len(tree):
+                in_flight = executor.submit(target.verify, tree)
+                ahead = draft_ahead(proposer, context, tree, k, n)
+                result = in_flight.result()
+            else:
+                result = target.verify(tree)
+            committed = [*result.accepted_token_ids, result.next_token_id][:remaining]
+            round_seconds = time.perf_counter() - start
+            controller.observe((k, n), len(committed), round_seconds)
+            ready = use_ahead(ahead, context, tree, result) if ahead is not None else None
+            drafted_ahead = ahead is not None
+            context += committed
+            produced += len(committed)
+            yield RoundOutcome(
+                round_id=round_id,
+                token_ids=committed,
+                num_candidates=n,
+                drafted=max(tree.depths(), default=0),
+                accepted=len(result.accepted_token_ids),
+                draft_seconds=drafted_at - start,
+                verify_seconds=result.verify_seconds,
+                round_seconds=round_seconds,
+                pipeline=status,
+            )

@@ -63,6 +63,38 @@ class CandidateTree:
             node = self.parents[node]
         return path[::-1]
 
+    def leading_path(self) -> list[int]:
+        """The first candidate's nodes (lowest-index child at each step): the proposer's most likely path."""
+        path: list[int] = []
+        for node, parent in enumerate(self.parents):
+            if parent == (path[-1] if path else ROOT):
+                path.append(node)
+        return path
+
+    def truncated(self, max_depth: int) -> CandidateTree:
+        """The trie without nodes deeper than `max_depth` (a prefix of the node order stays valid)."""
+        depths = self.depths()
+        keep = [i for i in range(len(self)) if depths[i] <= max_depth]
+        index = {old: new for new, old in enumerate(keep)}
+        return CandidateTree(
+            [ROOT if self.parents[i] == ROOT else index[self.parents[i]] for i in keep],
+            [self.token_ids[i] for i in keep],
+            [self.draft_probs[i] for i in keep] if self.draft_probs else [],
+        )
+
+    def subtree(self, root: int) -> CandidateTree:
+        """The candidates below node `root`, re-indexed so that its children hang off ROOT."""
+        index = {root: ROOT}
+        sub = CandidateTree()
+        for node, parent in enumerate(self.parents):
+            if parent in index and node != root:
+                index[node] = len(sub)
+                sub.parents.append(index[parent])
+                sub.token_ids.append(self.token_ids[node])
+                if self.draft_probs:
+                    sub.draft_probs.append(self.draft_probs[node])
+        return sub
+
     def validate(self, vocab_size: int, max_nodes: int) -> None:
         """Raise InvalidArgument for any malformed trie; afterwards the trie is safe to index."""
         n = len(self.token_ids)

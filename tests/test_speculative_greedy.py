@@ -75,3 +75,19 @@ def test_max_tokens_is_exact(tiny, pair_factory):
         assert len(tokens) <= max_tokens
         if chunks[-1].finish_reason == "length":
             assert len(tokens) == max_tokens
+
+
+@pytest.mark.parametrize("draft", ["draft_same", "draft_noisy"])
+def test_pipelining_keeps_outputs_identical_and_reports_hits(tiny, target_model, pair_factory, draft):
+    pair = pair_factory(getattr(tiny, draft), pipeline=True)
+    for prompt in PROMPTS:
+        tokens, chunks = collect(pair.draft_stub, prompt=prompt, max_tokens=48, num_speculative_tokens=3)
+        assert tokens == target_only_greedy(target_model, target_model.tokenizer.encode(prompt), 48), prompt
+    results = [c.stats.pipeline for c in chunks if c.HasField("stats")]
+    assert set(results) <= {"", "hit", "miss"} and results[0] == ""
+    registry = pair.draft.node.metrics.registry
+    hits = registry.get_sample_value("specwire_draft_pipeline_rounds_total", {"result": "hit"}) or 0
+    misses = registry.get_sample_value("specwire_draft_pipeline_rounds_total", {"result": "miss"}) or 0
+    assert hits + misses > 0
+    if draft == "draft_same":  # the draft is the target: its bonus guess is always right
+        assert misses == 0 and hits > 0
