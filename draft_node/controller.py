@@ -110,6 +110,8 @@ class AdaptiveController:
                 for a in (self.current, *self.neighbours(self.current))
                 if a in self.stats and (self.stats[a].rounds >= self.min_samples or a == self.current)
             ]
+            if not known:  # another generation just moved to an arm nobody has measured yet
+                return
             best = max(known, key=lambda a: self.stats[a].goodput)
             current = self.stats.get(self.current)
             if best == self.current or self.round - self.switched_at < self.cooldown:

@@ -19,7 +19,7 @@ from draft_node.proposers import Drafter
 from draft_node.proposers.base import draft_sampling
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from draft_node.target_client import TargetClient
-from services.errors import FailedPrecondition, InvalidArgument, SpecwireError
+from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 from services.sampling import check_sampling
 from services.tokenizer_fingerprint import tokenizer_fingerprint
@@ -96,7 +96,7 @@ class DraftEngine:
             status = exc.code.name.lower()
             raise
         except grpc.RpcError as exc:
-            status = f"target_{exc.code().name.lower()}" if isinstance(exc, grpc.Call) else "target_error"
+            status = f"target_{rpc_status(exc)[0].name.lower()}"
             raise
         except Exception:
             status = "internal"

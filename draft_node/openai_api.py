@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, Field
 
 from draft_node.engine import DraftEngine
-from services.errors import InvalidArgument, NotFound, SpecwireError
+from services.errors import InvalidArgument, NotFound, SpecwireError, rpc_status
 from services.rpc.specwire.v1 import draft_pb2
 
 HTTP_STATUS = {
@@ -100,8 +100,7 @@ def create_app(engine: DraftEngine, served_model_name: str = "") -> FastAPI:
 
     @app.exception_handler(grpc.RpcError)
     async def upstream_error(request: Request, exc: grpc.RpcError) -> JSONResponse:
-        code = exc.code() if isinstance(exc, grpc.Call) else grpc.StatusCode.UNKNOWN
-        details = exc.details() if isinstance(exc, grpc.Call) else str(exc)
+        code, details = rpc_status(exc)
         return error_response(HTTP_STATUS.get(code, 502), f"target: {details}", "upstream_error")
 
     @app.get("/health")

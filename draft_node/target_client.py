@@ -1,9 +1,17 @@
-"""gRPC client for the target node: one session per generation, rounds over one verify stream."""
+"""grpc.aio client for the target node: one session per generation, its rounds over ONE
+bidirectional VerifyStream.
+
+The client owns an asyncio loop on a background thread; the blocking methods below are what the
+(threaded) draft engine calls, each one a coroutine run on that loop. Errors arrive as
+grpc.aio.AioRpcError, a grpc.RpcError with code() and details().
+"""
 
 from __future__ import annotations
 
-import queue
-from collections.abc import Iterator
+import asyncio
+import threading
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -11,40 +19,53 @@ from services.candidate_tree import CandidateTree
 from services.grpc_server import MAX_MESSAGE_BYTES
 from services.rpc.specwire.v1 import target_pb2, target_pb2_grpc
 
+T = TypeVar("T")
+
 
 class TargetSession:
-    """An open target session; `verify` sends one round and waits for its answer."""
+    """An open target session; `verify` sends one round on the stream and waits for its answer."""
 
-    def __init__(
-        self,
-        stub: target_pb2_grpc.TargetServiceStub,
-        opened: target_pb2.OpenSessionResponse,
-        unary_timeout_s: float,
-        stream_timeout_s: float,
-    ) -> None:
+    def __init__(self, client: TargetClient, opened: target_pb2.OpenSessionResponse) -> None:
         self.session_id = opened.session_id
         self.first_token_id = opened.first_token_id
-        self._stub = stub
-        self._unary_timeout_s = unary_timeout_s
+        self._client = client
         self._round = 0
-        self._requests: queue.Queue[target_pb2.VerifyRequest | None] = queue.Queue()
-        self._responses: Iterator[target_pb2.VerifyResponse] = stub.VerifyStream(
-            iter(self._requests.get, None), timeout=stream_timeout_s
-        )
+        self._stream = client.run(client._open_stream)
 
     def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse:
-        self._requests.put(
-            target_pb2.VerifyRequest(session_id=self.session_id, round_id=self._round, tree=tree.to_proto())
+        request = target_pb2.VerifyRequest(
+            session_id=self.session_id, round_id=self._round, tree=tree.to_proto()
         )
         self._round += 1
-        return next(self._responses)
+        return self._client.run(lambda: self._round_trip(request))
+
+    async def _round_trip(self, request: target_pb2.VerifyRequest) -> target_pb2.VerifyResponse:
+        await self._stream.write(request)
+        response = await self._stream.read()
+        if response is grpc.aio.EOF:
+            await self._stream.wait_for_connection()
+            raise grpc.aio.AioRpcError(
+                grpc.StatusCode.UNAVAILABLE,
+                grpc.aio.Metadata(),
+                grpc.aio.Metadata(),
+                "the target closed the verify stream",
+            )
+        return response
 
     def close(self) -> None:
         """End the stream and free the target's KV cache (best effort: the TTL is the fallback)."""
-        self._requests.put(None)
+        self._client.run(self._close)
+
+    async def _close(self) -> None:
         try:
-            self._stub.CloseSession(
-                target_pb2.CloseSessionRequest(session_id=self.session_id), timeout=self._unary_timeout_s
+            await self._stream.done_writing()
+        except (grpc.RpcError, asyncio.InvalidStateError):
+            pass
+        self._stream.cancel()
+        try:
+            await self._client.stub.CloseSession(
+                target_pb2.CloseSessionRequest(session_id=self.session_id),
+                timeout=self._client.unary_timeout_s,
             )
         except grpc.RpcError:
             pass
@@ -57,21 +78,40 @@ class TargetClient:
         self.address = address
         self.unary_timeout_s = unary_timeout_s
         self.stream_timeout_s = stream_timeout_s
-        self.channel = grpc.insecure_channel(
-            address,
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="target-client", daemon=True)
+        self._thread.start()
+        self.channel, self.stub = self.run(self._connect)
+
+    async def _connect(self) -> tuple[grpc.aio.Channel, target_pb2_grpc.TargetServiceStub]:
+        channel = grpc.aio.insecure_channel(
+            self.address,
             options=[
                 ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
                 ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
             ],
         )
-        self.stub = target_pb2_grpc.TargetServiceStub(self.channel)
+        return channel, target_pb2_grpc.TargetServiceStub(channel)
+
+    def run(self, make: Callable[[], Awaitable[T]]) -> T:
+        """Create an awaitable ON the client's loop (aio calls bind to it), await it there, return its result."""
+
+        async def on_loop() -> T:
+            return await make()
+
+        return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result()
+
+    async def _open_stream(self) -> grpc.aio.StreamStreamCall:
+        return self.stub.VerifyStream(timeout=self.stream_timeout_s)
 
     def info(self, wait_s: float | None = None) -> target_pb2.InfoResponse:
         """Target info; with `wait_s`, wait that long for the target to come up."""
-        return self.stub.Info(
-            target_pb2.InfoRequest(),
-            timeout=wait_s or self.unary_timeout_s,
-            wait_for_ready=wait_s is not None,
+        return self.run(
+            lambda: self.stub.Info(
+                target_pb2.InfoRequest(),
+                timeout=wait_s or self.unary_timeout_s,
+                wait_for_ready=wait_s is not None,
+            )
         )
 
     def open_session(
@@ -81,16 +121,16 @@ class TargetClient:
         strategy: str = "",
         sampling: target_pb2.SamplingParams | None = None,
     ) -> TargetSession:
-        opened = self.stub.OpenSession(
-            target_pb2.OpenSessionRequest(
-                prompt_token_ids=prompt_token_ids,
-                tokenizer_fingerprint=tokenizer_fingerprint,
-                strategy=strategy,
-                sampling=sampling or target_pb2.SamplingParams(),
-            ),
-            timeout=self.unary_timeout_s,
+        request = target_pb2.OpenSessionRequest(
+            prompt_token_ids=prompt_token_ids,
+            tokenizer_fingerprint=tokenizer_fingerprint,
+            strategy=strategy,
+            sampling=sampling or target_pb2.SamplingParams(),
         )
-        return TargetSession(self.stub, opened, self.unary_timeout_s, self.stream_timeout_s)
+        opened = self.run(lambda: self.stub.OpenSession(request, timeout=self.unary_timeout_s))
+        return TargetSession(self, opened)
 
     def close(self) -> None:
-        self.channel.close()
+        self.run(self.channel.close)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

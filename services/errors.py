@@ -44,13 +44,19 @@ class OutOfRange(SpecwireError):
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def rpc_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    """Code and details of a failed call (sync calls and grpc.aio errors alike)."""
+    code = exc.code() if callable(getattr(exc, "code", None)) else grpc.StatusCode.UNKNOWN
+    details = exc.details() if callable(getattr(exc, "details", None)) else str(exc)
+    return code, details
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, SpecwireError):
         context.abort(exc.code, str(exc))
-    if isinstance(exc, grpc.RpcError) and isinstance(
-        exc, grpc.Call
-    ):  # an upstream call failed: keep its code
-        context.abort(exc.code(), f"upstream: {exc.details()}")
+    if isinstance(exc, grpc.RpcError):  # an upstream call failed: keep its code
+        code, details = rpc_status(exc)
+        context.abort(code, f"upstream: {details}")
     log.exception("internal error")
     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
 
@@ -64,6 +70,8 @@ def grpc_errors(method: F) -> F:
             try:
                 yield from method(self, request, context)
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                if not context.is_active():  # the client cancelled or went away: nobody to tell
+                    return
                 _abort(context, exc)
 
         return stream_wrapper  # type: ignore[return-value]

@@ -82,3 +82,25 @@ def test_stays_within_bounds_and_fixed_controller_is_fixed():
     fixed = FixedController(3, 2)
     fixed.observe((3, 2), 4, 1.0)
     assert fixed.choose() == (3, 2)
+
+
+def test_concurrent_generations_share_the_controller_safely():
+    import threading
+
+    controller = AdaptiveController((1, 8), (1, 3), start=(2, 1), min_samples=1, cooldown=0, probe_every=2)
+    pair = SimulatedPair(rtt=0.1)
+    errors = []
+
+    def worker():
+        try:
+            drive(controller, SimulatedPair(rtt=0.1, seed=threading.get_ident() % 1000), 300)
+        except Exception as exc:  # pragma: no cover - the assertion below reports it
+            errors.append(exc)
+
+    threads = [threading.Thread(target=worker) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors
+    assert pair.expected_goodput(*controller.current) > 0
