@@ -38,6 +38,7 @@ def stream_generate(stub: draft_pb2_grpc.DraftServiceStub, request: draft_pb2.Ge
     """Print the completion as it streams; return a summary of the rounds."""
     start = time.perf_counter()
     tokens = rounds = drafted = accepted = 0
+    pipeline: dict[str, int] = {}
     first_token_s = None
     finish = ""
     for chunk in stub.Generate(request):
@@ -48,6 +49,7 @@ def stream_generate(stub: draft_pb2_grpc.DraftServiceStub, request: draft_pb2.Ge
             rounds += 1
             drafted += chunk.stats.drafted_tokens
             accepted += chunk.stats.accepted_tokens
+            pipeline[chunk.stats.pipeline] = pipeline.get(chunk.stats.pipeline, 0) + 1
         finish = chunk.finish_reason or finish
     print()
     elapsed = time.perf_counter() - start
@@ -60,6 +62,15 @@ def stream_generate(stub: draft_pb2_grpc.DraftServiceStub, request: draft_pb2.Ge
         "ttft_s": round(first_token_s or 0.0, 3),
         "seconds": round(elapsed, 3),
         "tokens_per_s": round(tokens / elapsed, 3) if elapsed else None,
+        **(
+            {
+                "pipeline_hit_rate": round(
+                    pipeline.get("hit", 0) / (pipeline.get("hit", 0) + pipeline.get("miss", 0)), 3
+                )
+            }
+            if pipeline.get("hit", 0) + pipeline.get("miss", 0)
+            else {}
+        ),
     }
 
 
@@ -115,6 +126,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     demo.add_argument("--target-model", default=TargetConfig.model_fields["model"].default)
     demo.add_argument("--draft-model", default=DraftConfig.model_fields["model"].default)
+    demo.add_argument(
+        "--no-pipeline", dest="pipeline", action="store_false", help="draft only after each verify"
+    )
+    demo.add_argument("--adaptive", action="store_true", help="choose K/N from measured goodput")
     _generate_args(demo)
 
     args, rest = parser.parse_known_args(argv)
@@ -147,6 +162,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 metrics_port=0,
                 http_port=-1,
                 target=f"127.0.0.1:{target.port}",
+                pipeline=args.pipeline,
+                adaptive=args.adaptive,
             )
         )
         try:

@@ -37,8 +37,8 @@ class DraftConfig(NodeConfig):
     )
     ngram_min: int = Field(1, ge=1, description="ngram: shortest suffix to look up")
     ngram_max: int = Field(4, ge=1, description="ngram: longest suffix to look up")
-    pipeline: bool = Field(False, description="draft the next round while the current one is verified")
-    adaptive: bool = Field(True, description="choose K and N each round from measured goodput (else fixed)")
+    pipeline: bool = Field(True, description="draft the next round while the current one is verified")
+    adaptive: bool = Field(False, description="choose K and N each round from measured goodput (else fixed)")
     k_max: int = Field(8, ge=1, le=32, description="adaptive: largest K tried")
     num_speculative_tokens: int = Field(3, ge=0, le=32, description="K: draft tokens per round")
     draft_top_k: int = Field(

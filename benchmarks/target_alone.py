@@ -1,0 +1,56 @@
+"""Baseline: the target model alone (HF `generate`, greedy) on the demo's prompt.
+
+python benchmarks/target_alone.py --max-tokens 96
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+
+from draft_node.cli import DEMO_PROMPT
+from services.model_loading import load_model
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--prompt", default=DEMO_PROMPT)
+    parser.add_argument("--max-tokens", type=int, default=96)
+    args = parser.parse_args()
+    loaded = load_model(args.model)
+    ids = loaded.tokenizer.apply_chat_template(
+        [{"role": "user", "content": args.prompt}],
+        add_generation_prompt=True,
+        tokenize=True,
+        return_dict=False,
+    )
+    prompt = torch.tensor([list(ids)])
+    with torch.inference_mode():
+        loaded.model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
+        start = time.perf_counter()
+        out = loaded.model.generate(
+            prompt, max_new_tokens=args.max_tokens, min_new_tokens=args.max_tokens, do_sample=False
+        )
+        seconds = time.perf_counter() - start
+    tokens = out.shape[1] - prompt.shape[1]
+    print(
+        json.dumps(
+            {
+                "model": args.model,
+                "tokens": tokens,
+                "seconds": round(seconds, 3),
+                "tokens_per_s": round(tokens / seconds, 3),
+                "torch_threads": torch.get_num_threads(),
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()
