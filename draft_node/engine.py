@@ -7,6 +7,7 @@ import secrets
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import closing
 
 import grpc
 import torch
@@ -156,13 +157,14 @@ class DraftEngine:
                 info.limits.max_context_tokens,
                 pipeline=self.config.pipeline,
             )
-            for outcome in rounds:
-                produced += len(outcome.token_ids)
-                chunk = self._chunk(outcome.token_ids, outcome, detokenizer, produced >= max_tokens)
-                self._record_round(outcome, len(chunk.token_ids))
-                yield chunk
-                if chunk.finish_reason:
-                    return
+            with closing(rounds):  # stopping early (EOS, stop string, cancel) also ends the loop's worker
+                for outcome in rounds:
+                    produced += len(outcome.token_ids)
+                    chunk = self._chunk(outcome.token_ids, outcome, detokenizer, produced >= max_tokens)
+                    self._record_round(outcome, len(chunk.token_ids))
+                    yield chunk
+                    if chunk.finish_reason:
+                        return
             yield draft_pb2.GenerateChunk(text=detokenizer.add([], final=True), finish_reason="length")
         finally:
             session.close()

@@ -112,3 +112,23 @@ def test_health_and_reflection(pair_factory, tiny, node):
         )
         names = {s.name for s in reply.list_services_response.service}
         assert {service, "grpc.health.v1.Health"} <= names
+
+
+def test_cancelled_generation_frees_its_target_session(pair_factory, tiny):
+    import time
+
+    pair = pair_factory(tiny.draft_noisy)
+    call = pair.draft_stub.Generate(draft_pb2.GenerateRequest(prompt="def add(a, b):", max_tokens=400))
+    next(call)  # the first chunk: the session is open on the target
+    call.cancel()
+    registry = pair.draft.node.metrics.registry
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and (
+        len(pair.target.node.sessions)
+        or not registry.get_sample_value("specwire_draft_requests_total", {"status": "cancelled"})
+    ):
+        time.sleep(0.05)
+    assert len(pair.target.node.sessions) == 0
+    assert registry.get_sample_value("specwire_draft_requests_total", {"status": "cancelled"}) == 1
+    tokens, _ = collect(pair.draft_stub, prompt="still serving", max_tokens=5)
+    assert len(tokens) == 5
