@@ -18,6 +18,7 @@ from draft_node.detokenizer import IncrementalDetokenizer
 from draft_node.metrics import DraftMetrics
 from draft_node.proposers import Drafter
 from draft_node.proposers.base import draft_sampling
+from draft_node.resumable_session import ResumableSession, RetryPolicy
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from draft_node.target_client import TargetClient
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
@@ -133,7 +134,14 @@ class DraftEngine:
         sampling.seed = seed
         strategy = request.strategy or ("probabilistic" if request.temperature > 0 else "deterministic")
 
-        session = self.target.open_session(prompt_ids, self.fingerprint, strategy, sampling)
+        session = ResumableSession(
+            self.target,
+            prompt_ids,
+            self.fingerprint,
+            strategy,
+            sampling,
+            RetryPolicy(deadline_s=self.config.retry_deadline_s),
+        )
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.stop)
         produced = 0
         try:
@@ -168,6 +176,7 @@ class DraftEngine:
             yield draft_pb2.GenerateChunk(text=detokenizer.add([], final=True), finish_reason="length")
         finally:
             session.close()
+            self.metrics.target_resumes.inc(session.resumes)
             if produced > 1:
                 self.metrics.tpot_seconds.observe((time.perf_counter() - first_token_at) / (produced - 1))
 

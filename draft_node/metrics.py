@@ -83,6 +83,11 @@ class DraftMetrics:
             ["result"],
             registry=registry,
         )
+        self.target_resumes = Counter(
+            "specwire_draft_target_resumes_total",
+            "Target sessions reopened after the target failed or lost them",
+            registry=registry,
+        )
         self.controller_changes = Counter(
             "specwire_draft_controller_changes_total",
             "K/N changes made by the adaptive controller",

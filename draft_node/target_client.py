@@ -120,8 +120,10 @@ class TargetClient:
         tokenizer_fingerprint: str,
         strategy: str = "",
         sampling: target_pb2.SamplingParams | None = None,
+        resume_pending_token_id: int | None = None,
     ) -> TargetSession:
         request = target_pb2.OpenSessionRequest(
+            resume_pending_token_id=resume_pending_token_id,
             prompt_token_ids=prompt_token_ids,
             tokenizer_fingerprint=tokenizer_fingerprint,
             strategy=strategy,

@@ -116,8 +116,14 @@ class Verifier:
         strategy = make_strategy(request.strategy, request.sampling, request.strategy_params)
         seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63)
         session = Session(SessionStore.new_id(), prompt, strategy, torch.Generator().manual_seed(seed))
+        if request.HasField("resume_pending_token_id") and request.resume_pending_token_id >= self.vocab_size:
+            raise InvalidArgument(
+                f"resume_pending_token_id {request.resume_pending_token_id} outside the vocabulary"
+            )
         with self.metrics.prefill_seconds.time():
             session.pending_token = self.backend.prefill(session)
+        if request.HasField("resume_pending_token_id"):
+            session.pending_token = request.resume_pending_token_id
         self.sessions.add(session)
         self.metrics.sessions_opened.inc()
         return target_pb2.OpenSessionResponse(

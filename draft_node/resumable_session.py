@@ -1,0 +1,114 @@
+"""A generation's target session that survives target failures.
+
+UNAVAILABLE (target down or restarting) is retried with jittered exponential backoff until a
+deadline; NOT_FOUND (the target lost the session: a restart, or the TTL) is not retried as is.
+In both cases the session is reopened by re-prefilling every committed token, with the pending
+token carried over, and the round is replayed, so greedy output stays identical to an
+uninterrupted run. Other errors (bad input) are raised at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TypeVar
+
+import grpc
+
+from draft_node.target_client import TargetClient
+from services.candidate_tree import CandidateTree
+from services.errors import rpc_status
+from services.rpc.specwire.v1 import target_pb2
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+RESUMABLE = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.NOT_FOUND)
+
+
+@dataclass
+class RetryPolicy:
+    deadline_s: float = 30.0  # give up after this long without a successful call
+    base_s: float = 0.1
+    cap_s: float = 2.0
+
+    def delays(self) -> Callable[[int], float]:
+        """Delay before attempt `i` (1-based): base * 2^(i-1), capped, with +-50% jitter."""
+        return lambda attempt: min(self.cap_s, self.base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+
+
+class ResumableSession:
+    def __init__(
+        self,
+        client: TargetClient,
+        prompt_ids: list[int],
+        fingerprint: str,
+        strategy: str,
+        sampling: target_pb2.SamplingParams,
+        retry: RetryPolicy,
+    ) -> None:
+        self.client, self.fingerprint, self.strategy, self.sampling, self.retry = (
+            client,
+            fingerprint,
+            strategy,
+            sampling,
+            retry,
+        )
+        self.context = list(prompt_ids)  # committed tokens; after opening, its last one is the pending token
+        self.resumes = 0
+        self.session = self._retrying(
+            lambda: self.client.open_session(prompt_ids, fingerprint, strategy, sampling)
+        )
+        self.first_token_id = self.session.first_token_id
+        self.context.append(self.first_token_id)
+
+    def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse:
+        def attempt() -> target_pb2.VerifyResponse:
+            return self.session.verify(tree)
+
+        response = self._retrying(attempt, resume=True)
+        self.context += [*response.accepted_token_ids, response.next_token_id]
+        return response
+
+    def close(self) -> None:
+        self.session.close()
+
+    def _reopen(self) -> None:
+        old = self.session
+        self.session = self.client.open_session(
+            self.context[:-1],
+            self.fingerprint,
+            self.strategy,
+            self.sampling,
+            resume_pending_token_id=self.context[-1],
+        )
+        self.resumes += 1
+        log.warning("target session resumed (%d committed tokens re-prefilled)", len(self.context) - 1)
+        old.close()
+
+    def _retrying(self, call: Callable[[], T], resume: bool = False) -> T:
+        deadline = time.monotonic() + self.retry.deadline_s
+        delay = self.retry.delays()
+        attempt = 0
+        needs_reopen = False
+        while True:
+            try:
+                if needs_reopen:
+                    self._reopen()
+                    needs_reopen = False
+                return call()
+            except grpc.RpcError as exc:
+                code, details = rpc_status(exc)
+                if code not in RESUMABLE or (code == grpc.StatusCode.NOT_FOUND and not resume):
+                    raise
+                attempt += 1
+                if time.monotonic() >= deadline:
+                    log.error(
+                        "target still failing after %.0fs: %s %s", self.retry.deadline_s, code.name, details
+                    )
+                    raise
+                needs_reopen = resume
+                if code == grpc.StatusCode.UNAVAILABLE:
+                    time.sleep(min(delay(attempt), max(0.0, deadline - time.monotonic())))
