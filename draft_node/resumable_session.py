@@ -34,9 +34,9 @@ class RetryPolicy:
     base_s: float = 0.1
     cap_s: float = 2.0
 
-    def delays(self) -> Callable[[int], float]:
-        """Delay before attempt `i` (1-based): base * 2^(i-1), capped, with +-50% jitter."""
-        return lambda attempt: min(self.cap_s, self.base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
+    def delay(self, attempt: int) -> float:
+        """Seconds to wait before retry `attempt` (1-based): base * 2^(attempt-1), capped, +-50% jitter."""
+        return min(self.cap_s, self.base_s * 2 ** (attempt - 1)) * random.uniform(0.5, 1.5)
 
 
 class ResumableSession:
@@ -65,10 +65,9 @@ class ResumableSession:
         self.context.append(self.first_token_id)
 
     def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse:
-        def attempt() -> target_pb2.VerifyResponse:
-            return self.session.verify(tree)
-
-        response = self._retrying(attempt, resume=True)
+        response = self._retrying(
+            lambda: self.session.verify(tree), resume=True
+        )  # self.session may be reopened
         self.context += [*response.accepted_token_ids, response.next_token_id]
         return response
 
@@ -90,7 +89,6 @@ class ResumableSession:
 
     def _retrying(self, call: Callable[[], T], resume: bool = False) -> T:
         deadline = time.monotonic() + self.retry.deadline_s
-        delay = self.retry.delays()
         attempt = 0
         needs_reopen = False
         while True:
@@ -111,4 +109,4 @@ class ResumableSession:
                     raise
                 needs_reopen = resume
                 if code == grpc.StatusCode.UNAVAILABLE:
-                    time.sleep(min(delay(attempt), max(0.0, deadline - time.monotonic())))
+                    time.sleep(min(self.retry.delay(attempt), max(0.0, deadline - time.monotonic())))
