@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from services.candidate_tree import CandidateTree
-from services.kv_cache import compact_kv
+from services.kv_cache import truncate_kv
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
 from target_node.backends import build_verifier
@@ -40,7 +40,7 @@ def time_forward(verifier, session, tree: CandidateTree, repeats: int) -> list[f
         if verifier.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)
-        compact_kv(session.cache, range(prefix))
+        truncate_kv(session.cache, prefix)
     return times
 
 

@@ -1,4 +1,4 @@
-"""KV cache surgery on a transformers DynamicCache (both nodes): keep a prefix + chosen entries."""
+"""KV cache surgery on a transformers DynamicCache (both nodes): move positions, truncate, measure."""
 
 from __future__ import annotations
 
@@ -8,32 +8,31 @@ import torch
 from transformers import DynamicCache
 
 
-def compact_kv(cache: DynamicCache, keep_positions: Sequence[int]) -> None:
-    """Keep only the cache entries at `keep_positions` (ascending), in every layer, in place.
+def kv_tensors(cache: DynamicCache) -> list[torch.Tensor]:
+    """Every initialised layer's key and value tensors, [batch, heads, seq, dim] each."""
+    return [
+        t for layer in cache.layers if getattr(layer, "is_initialized", False) for t in (layer.keys, layer.values)
+    ]
 
-    A verify forward appends `pending + all trie nodes`; afterwards only the prefix, the pending
-    token and the accepted path's nodes stay. When they are a contiguous prefix this is a slice.
-    """
-    keep = list(keep_positions)
-    contiguous = keep == list(range(len(keep)))
-    index = None if contiguous else torch.tensor(keep, dtype=torch.long)
+
+def move_positions(tensors: Sequence[torch.Tensor], src: torch.Tensor, dst_start: int) -> None:
+    """Copy sequence positions src[j] to dst_start + j in every tensor, in place."""
+    if not len(src):
+        return
+    for tensor in tensors:
+        index = src.to(tensor.device, torch.long)
+        tensor[..., dst_start : dst_start + len(src), :] = tensor.index_select(-2, index)
+
+
+def truncate_kv(cache: DynamicCache, length: int) -> None:
+    """Keep the first `length` positions of every layer (also repairs layers a failed forward left
+    longer than others)."""
     for layer in cache.layers:
-        if not getattr(layer, "is_initialized", False):
-            continue
-        if contiguous:  # per-layer slice also repairs layers a failed forward left longer than others
-            layer.keys = layer.keys[..., : len(keep), :]
-            layer.values = layer.values[..., : len(keep), :]
-        else:
-            index = index.to(layer.keys.device)
-            layer.keys = layer.keys.index_select(-2, index)
-            layer.values = layer.values.index_select(-2, index)
+        if getattr(layer, "is_initialized", False):
+            layer.keys = layer.keys[..., :length, :]
+            layer.values = layer.values[..., :length, :]
 
 
 def kv_nbytes(cache: DynamicCache) -> int:
     """Bytes held by a cache's key and value tensors."""
-    return sum(
-        t.numel() * t.element_size()
-        for layer in cache.layers
-        if getattr(layer, "is_initialized", False)
-        for t in (layer.keys, layer.values)
-    )
+    return sum(t.numel() * t.element_size() for t in kv_tensors(cache))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Literal
+import os
+from typing import Any, Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.config import NodeConfig
@@ -20,6 +21,11 @@ class TargetConfig(NodeConfig):
     )
     backend: Literal["hf", "vllm"] = Field(
         "hf", description="hf: transformers, tree attention, every strategy; vllm: vLLM engine, greedy only"
+    )
+    kernels: Literal["auto", "cuda", "triton", "torch"] = Field(
+        "auto",
+        description="verify kernels (hf backend): auto tries cuda, then triton, then the torch reference; "
+        "also read from SPECWIRE_KERNELS",
     )
     vllm_block_size: int = Field(
         32, ge=1, description="vllm: KV block size (the CPU build needs a multiple of 32)"
@@ -40,3 +46,11 @@ class TargetConfig(NodeConfig):
         ge=1,
         description="pad verify forwards to at least this many tokens (CPU BLAS: 2-3 rows cost more than 4)",
     )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kernels_from_short_env(cls, data: Any) -> Any:  # noqa: ANN401
+        """SPECWIRE_KERNELS is the documented switch; flags and SPECWIRE_TARGET_KERNELS still win."""
+        if isinstance(data, dict) and "kernels" not in data and os.environ.get("SPECWIRE_KERNELS"):
+            return {**data, "kernels": os.environ["SPECWIRE_KERNELS"]}
+        return data

@@ -113,7 +113,9 @@ class Verifier:
             raise InvalidArgument(
                 f"strategy {request.strategy!r} is not available on this backend; use one of {self.backend.strategies}"
             )
-        strategy = make_strategy(request.strategy, request.sampling, request.strategy_params)
+        strategy = make_strategy(
+            request.strategy, request.sampling, request.strategy_params, self.backend.kernels
+        )
         seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63)
         session = Session(SessionStore.new_id(), prompt, strategy, torch.Generator().manual_seed(seed))
         if request.HasField("resume_pending_token_id") and request.resume_pending_token_id >= self.vocab_size:

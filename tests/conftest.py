@@ -1,5 +1,14 @@
 from __future__ import annotations
 
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # Triton kernels run on the CPU only under the interpreter, and triton.language's own helpers
+    # (tl.max with indices, tl.cumsum) take the mode when triton is first imported: before any model.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -91,3 +100,13 @@ def pair_factory(target_model: LoadedModel) -> Iterator:
     for pair in pairs:
         pair.draft.stop(0)
         pair.target.stop(0)
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`gpu` tests need CUDA: skip them, with the reason, where there is none."""
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device (none here)")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

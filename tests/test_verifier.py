@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 from services.candidate_tree import CandidateTree
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from services.kv_cache import compact_kv, kv_nbytes
+from services.kv_cache import kv_nbytes, kv_tensors, move_positions, truncate_kv
 from services.rpc.specwire.v1 import target_pb2
 from target_node.backends import build_verifier
 from target_node.config import TargetConfig
@@ -99,15 +99,16 @@ def test_compacted_cache_equals_fresh_prefill(target_model, verifier):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_compact_kv_gathers_positions_in_every_layer():
+def test_kv_positions_move_and_truncate_in_every_layer():
     cache = DynamicCache()
     for layer in range(3):
         keys = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 4).clone() + layer
         cache.update(keys, keys.clone(), layer)
-    compact_kv(cache, [0, 1, 2, 5, 8])
+    move_positions(kv_tensors(cache), torch.tensor([5, 8]), 3)
+    truncate_kv(cache, 5)
     for layer_idx, layer in enumerate(cache.layers):
         assert layer.keys[0, 0, :, 0].tolist() == [v + layer_idx for v in (0, 1, 2, 5, 8)]
-    compact_kv(cache, range(2))
+    truncate_kv(cache, 2)
     assert cache.get_seq_length() == 2
     assert kv_nbytes(cache) == 3 * 2 * (1 * 2 * 2 * 4 * 4)
 

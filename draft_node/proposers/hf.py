@@ -9,7 +9,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from draft_node.proposers.base import draft_token
 from services.candidate_tree import ROOT, CandidateTree
-from services.kv_cache import compact_kv
+from services.kv_cache import truncate_kv
 from services.rpc.specwire.v1 import target_pb2
 
 
@@ -42,7 +42,7 @@ class HFProposer:
         limit = min(len(self.cached_ids), len(context) - 1)  # feed at least one token for fresh logits
         while shared < limit and self.cached_ids[shared] == context[shared]:
             shared += 1
-        compact_kv(self.cache, range(shared))
+        truncate_kv(self.cache, shared)
         feed = context[shared:]
         for depth in range(k):
             with self.forward_lock:

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from services.candidate_tree import CandidateTree
+from target_node.kernels import TorchKernels, VerifyKernels
 from target_node.session import Session
 from target_node.strategies import Decision
 
@@ -21,6 +22,7 @@ class VerifyBackend(ABC):
     vocab_size: int  # size of the target's logits
     max_context: int  # the model's position limit
     strategies: tuple[str, ...]  # strategy names this backend can run
+    kernels: VerifyKernels = TorchKernels()  # verify kernels for tensors on this backend's device
 
     @abstractmethod
     def describe(self) -> dict[str, str]:

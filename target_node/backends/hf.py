@@ -14,10 +14,11 @@ from transformers import DynamicCache, PreTrainedModel
 
 from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
-from services.kv_cache import compact_kv, kv_nbytes
+from services.kv_cache import kv_nbytes, kv_tensors, truncate_kv
 from services.model_loading import LoadedModel
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
+from target_node.kernels import load_kernels
 from target_node.session import Session
 from target_node.strategies import STRATEGIES
 from target_node.strategies.base import node_logprobs
@@ -79,13 +80,14 @@ class HFBackend(VerifyBackend):
         self.max_context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 31
         self.device = next(self.model.parameters()).device
         self.min_rows = config.pad_verify_rows
+        self.kernels = load_kernels(config.kernels, self.device)
         self._forward_lock = threading.Lock()  # one forward at a time: they compete for the same cores
         check_tree_attention(self.model, loaded.model_id)
         self.batcher: MicroBatcher[ForwardJob, torch.Tensor] = MicroBatcher(
             self._forward_batch,
             config.max_batch_size,
             config.batch_wait_ms / 1000,
-            on_retry_alone=lambda job: compact_kv(job.cache, range(job.query.prefix_length)),
+            on_retry_alone=lambda job: truncate_kv(job.cache, job.query.prefix_length),
             name="hf-verify-batcher",
         )
 
@@ -108,16 +110,24 @@ class HFBackend(VerifyBackend):
             logits, batch_size = self.batcher.submit(ForwardJob(session.cache, query))
             decision = session.strategy.evaluate_posterior(logits, tree, session.generator)
         except BaseException:
-            compact_kv(session.cache, range(prefix))  # leave the session as it was before the round
+            truncate_kv(session.cache, prefix)  # leave the session as it was before the round
             raise
-        compact_kv(session.cache, [*range(prefix + 1), *(prefix + 1 + n for n in decision.accepted_nodes)])
+        self.update_inference_inputs(session.cache, prefix + 1, decision.accepted_nodes)
         return RoundResult(decision, node_logprobs(logits, tree).tolist(), batch_size)
+
+    @torch.inference_mode()
+    def update_inference_inputs(self, cache: DynamicCache, kept: int, accepted_nodes: list[int]) -> None:
+        """Keep the first `kept` cache positions and the accepted path's nodes, dropping the rest
+        of the trie (node i sits at position kept + i)."""
+        src = torch.tensor([kept + node for node in accepted_nodes], dtype=torch.int32)
+        self.kernels.compact_kv(kv_tensors(cache), src.to(self.device), kept)
+        truncate_kv(cache, kept + len(src))
 
     def describe(self) -> dict[str, str]:
         return {
             "backend": "hf",
             "attention": str(self.model.config._attn_implementation),
-            "kernels": "torch",
+            "kernels": self.kernels.name,
             "device": str(self.device),
             "dtype": str(self.model.dtype).removeprefix("torch."),
         }

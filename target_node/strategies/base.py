@@ -15,6 +15,7 @@ import torch
 from services.candidate_tree import ROOT, CandidateTree
 from services.rpc.specwire.v1 import target_pb2
 from services.sampling import check_sampling, sample, target_probs
+from target_node.kernels import TorchKernels, VerifyKernels
 
 
 @dataclass
@@ -44,10 +45,16 @@ class Strategy(ABC):
     name: ClassVar[str]
     lossless: ClassVar[bool]
 
-    def __init__(self, sampling: target_pb2.SamplingParams, params: target_pb2.StrategyParams) -> None:
+    def __init__(
+        self,
+        sampling: target_pb2.SamplingParams,
+        params: target_pb2.StrategyParams,
+        kernels: VerifyKernels | None = None,
+    ) -> None:
         check_sampling(sampling)
         self.sampling = sampling
         self.params = params
+        self.kernels = kernels or TorchKernels()
 
     def first_token(self, logits: torch.Tensor, generator: torch.Generator) -> int:
         """The target's token after the prompt (`logits`: the last prompt position)."""

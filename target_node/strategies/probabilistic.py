@@ -5,28 +5,19 @@ probability min(1, p(x) / q(x)); on rejection p <- norm(max(p - q, 0)) and the n
 tried with its own q. When every child is rejected the next token is sampled from what is left
 of p; when a leaf is reached, from the target's p at the leaf (the bonus token). The output then
 has exactly the target's distribution, provided each node's q is the distribution its token was
-drafted from (siblings without replacement); a node without q is a point mass.
+drafted from (siblings without replacement); a node without q is a point mass. The walk itself is
+the `tree_rejection_sample` kernel; this module draws its uniforms from the session's generator.
 """
 
 from __future__ import annotations
 
 import torch
 
-from services.candidate_tree import ROOT, CandidateTree, SparseProbs
+from services.candidate_tree import CandidateTree
 from services.errors import InvalidArgument
-from services.sampling import sample, target_probs
-from target_node.strategies.base import Decision, Strategy
-
-
-def dense_q(q: SparseProbs | None, token: int, vocab_size: int) -> torch.Tensor:
-    dense = torch.zeros(vocab_size)
-    if q is None:
-        dense[token] = 1.0
-    else:
-        dense.index_put_(
-            (torch.tensor(q.token_ids, dtype=torch.long),), torch.tensor(q.probs), accumulate=True
-        )
-    return dense
+from services.sampling import target_probs
+from target_node.kernels import pack_draft_q, pack_trees
+from target_node.strategies.base import Decision, Strategy, decision_for
 
 
 def check_draft_q(tree: CandidateTree) -> None:
@@ -54,29 +45,17 @@ class ProbabilisticStrategy(Strategy):
         self, logits: torch.Tensor, tree: CandidateTree, generator: torch.Generator
     ) -> Decision:
         check_draft_q(tree)
-        vocab_size = logits.shape[-1]
-        children: dict[int, list[int]] = {}
-        for node, parent in enumerate(tree.parents):
-            children.setdefault(parent, []).append(node)
-        path: list[int] = []
-        node = ROOT
-        while True:
-            p = target_probs(logits[node + 1], self.sampling)
-            kids = children.get(node, [])
-            for child in kids:
-                token = tree.token_ids[child]
-                q = dense_q(tree.draft_probs[child] if tree.draft_probs else None, token, vocab_size)
-                if torch.rand((), generator=generator) * q[token] < p[token]:  # u < p/q without dividing
-                    path.append(child)
-                    node = child
-                    break
-                residual = (p - q).clamp_min(0)
-                total = residual.sum()
-                p = residual / total if total > 0 else p
-            else:
-                acceptable = [False] * len(tree)
-                for accepted in path:
-                    acceptable[accepted] = True
-                return Decision(
-                    path, sample(p, generator), next_is_bonus=bool(path) and not kids, acceptable=acceptable
-                )
+        probs = target_probs(logits[: len(tree) + 1], self.sampling)
+        accept_uniforms = torch.rand((1, max(len(tree), 1)), generator=generator)
+        sample_uniforms = torch.rand(1, generator=generator)
+        device = probs.device
+        result = self.kernels.tree_rejection_sample(
+            probs[None],
+            pack_trees([tree], device),
+            pack_draft_q([tree], device),
+            accept_uniforms.to(device),
+            sample_uniforms.to(device),
+        )
+        end = int(result.path_end[0])
+        path = set(tree.path_to(end))
+        return decision_for(tree, end, int(result.next_token[0]), [n in path for n in range(len(tree))])
