@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import sys
 import threading
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -16,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from draft_node.config import DraftConfig
 from draft_node.server import start_draft
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
+from services.security import auth_metadata, channel_credentials
 from target_node.config import TargetConfig
 from target_node.server import start_target
 
@@ -34,14 +37,18 @@ def _serve_until_signal(stop: Callable[[], None]) -> None:
     stop()
 
 
-def stream_generate(stub: draft_pb2_grpc.DraftServiceStub, request: draft_pb2.GenerateRequest) -> dict:
+def stream_generate(
+    stub: draft_pb2_grpc.DraftServiceStub,
+    request: draft_pb2.GenerateRequest,
+    metadata: Sequence[tuple[str, str]] = (),
+) -> dict:
     """Print the completion as it streams; return a summary of the rounds."""
     start = time.perf_counter()
     tokens = rounds = drafted = accepted = 0
     pipeline: dict[str, int] = {}
     first_token_s = None
     finish = ""
-    for chunk in stub.Generate(request):
+    for chunk in stub.Generate(request, metadata=metadata):
         first_token_s = first_token_s or time.perf_counter() - start
         print(chunk.text, end="", flush=True)
         tokens += len(chunk.token_ids)
@@ -74,9 +81,16 @@ def stream_generate(stub: draft_pb2_grpc.DraftServiceStub, request: draft_pb2.Ge
     }
 
 
-def is_serving(address: str, timeout_s: float) -> bool:
+def open_channel(address: str, tls_ca: Path | None = None) -> grpc.Channel:
+    """A blocking channel, over TLS when the CA to trust is given."""
+    if tls_ca is None:
+        return grpc.insecure_channel(address)
+    return grpc.secure_channel(address, channel_credentials(tls_ca))
+
+
+def is_serving(address: str, timeout_s: float, tls_ca: Path | None = None) -> bool:
     """True when the gRPC health service at `address` reports SERVING."""
-    with grpc.insecure_channel(address) as channel:
+    with open_channel(address, tls_ca) as channel:
         try:
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(), timeout=timeout_s
@@ -116,12 +130,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     generate = sub.add_parser("generate", help="stream a completion from a running draft node")
     generate.add_argument("prompt")
     generate.add_argument("--draft", default="127.0.0.1:50052", help="draft node address")
+    generate.add_argument("--tls-ca", type=Path, help="the draft node serves TLS: trust this CA (PEM)")
+    generate.add_argument("--api-key", default=os.environ.get("SPECWIRE_API_KEY"), help="or SPECWIRE_API_KEY")
     _generate_args(generate)
     check = sub.add_parser(
         "health", help="exit 0 when a node answers SERVING on gRPC health (for healthchecks)"
     )
     check.add_argument("address", help="host:port")
     check.add_argument("--timeout", type=float, default=3.0)
+    check.add_argument("--tls-ca", type=Path, help="the node serves TLS: trust this CA (PEM)")
     demo = sub.add_parser("demo", help="start a target and a draft on loopback and generate")
     demo.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     demo.add_argument("--target-model", default=TargetConfig.model_fields["model"].default)
@@ -146,12 +163,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     elif args.command == "health":
-        return 0 if is_serving(args.address, args.timeout) else 1
+        return 0 if is_serving(args.address, args.timeout, args.tls_ca) else 1
     elif args.command == "generate":
-        with grpc.insecure_channel(args.draft) as channel:
-            _print_summary(
-                stream_generate(draft_pb2_grpc.DraftServiceStub(channel), _request(args.prompt, args))
-            )
+        with open_channel(args.draft, args.tls_ca) as channel:
+            stub = draft_pb2_grpc.DraftServiceStub(channel)
+            _print_summary(stream_generate(stub, _request(args.prompt, args), auth_metadata(args.api_key)))
     else:
         _setup_logging("INFO")
         target = start_target(TargetConfig(model=args.target_model, port=0, metrics_port=0))

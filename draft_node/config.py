@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.config import NodeConfig
@@ -25,6 +26,11 @@ class DraftConfig(NodeConfig):
         "", description="model name in the OpenAI API (default: the draft's target model id)"
     )
     target: str = Field("127.0.0.1:50051", description="target node address host:port")
+    target_api_key: SecretStr | None = Field(None, description="API key sent to the target")
+    target_tls_ca: Path | None = Field(None, description="reach the target over TLS, trusting this CA (PEM)")
+    target_tls_cert: Path | None = Field(None, description="mutual TLS: this node's client certificate")
+    target_tls_key: Path | None = Field(None, description="mutual TLS: key of --target-tls-cert")
+    target_tls_server_name: str = Field("", description="expected name in the target's certificate")
     proposer: Literal["hf", "vllm", "ngram"] = Field(
         "hf", description="how drafts are made: HF model, vLLM engine, or prompt lookup (n-gram, no model)"
     )

@@ -7,7 +7,7 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Literal
 
 import grpc
@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 from draft_node.engine import DraftEngine
 from services.errors import InvalidArgument, NotFound, SpecwireError, rpc_status
 from services.rpc.specwire.v1 import draft_pb2
+from services.security import UNAUTHENTICATED_DETAILS, key_is_valid, presented_key
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -80,13 +81,24 @@ def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
-def create_app(engine: DraftEngine, served_model_name: str = "") -> FastAPI:
-    """The API app; the model is named `served_model_name`, or else after the target's model."""
+def create_app(
+    engine: DraftEngine, served_model_name: str = "", api_keys: Sequence[bytes] = ()
+) -> FastAPI:
+    """The API app; the model is named `served_model_name`, or else after the target's model.
+    With `api_keys`, every /v1 call needs `Authorization: Bearer <key>` (as OpenAI clients send)."""
 
     def model_name() -> str:
         return served_model_name or engine.target_info().model_id
 
     app = FastAPI(title="specwire draft node", docs_url=None, redoc_url=None)
+
+    @app.middleware("http")
+    async def require_api_key(request: Request, call_next: Callable) -> Any:
+        if api_keys and request.url.path.startswith("/v1/"):
+            key = presented_key([(name, value) for name, value in request.headers.items()])
+            if not key_is_valid(key, api_keys):
+                return error_response(401, UNAUTHENTICATED_DETAILS, "authentication_error")
+        return await call_next(request)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -16,6 +16,7 @@ from draft_node.target_client import TargetClient
 from services.grpc_server import RunningServer, start_node
 from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
+from services.security import read_api_keys
 
 log = logging.getLogger(__name__)
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
@@ -24,11 +25,15 @@ SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> RunningServer[DraftEngine]:
     """Load the draft model (unless given), connect to the target and start serving."""
     drafter = load_drafter(config, loaded)
-    target = TargetClient(config.target, config.target_timeout_s, config.generation_timeout_s)
+    target = TargetClient.from_config(config)
     metrics = DraftMetrics(CollectorRegistry())
     engine = DraftEngine(drafter, target, config, metrics)
     http = (
-        HttpServer(create_app(engine, config.served_model_name), config.host, config.http_port)
+        HttpServer(
+            create_app(engine, config.served_model_name, read_api_keys(config.api_keys_file)),
+            config.host,
+            config.http_port,
+        )
         if config.http_port >= 0
         else None
     )

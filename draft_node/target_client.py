@@ -15,9 +15,11 @@ from typing import TypeVar
 
 import grpc
 
+from draft_node.config import DraftConfig
 from services.candidate_tree import CandidateTree
 from services.grpc_server import MAX_MESSAGE_BYTES
 from services.rpc.specwire.v1 import target_pb2, target_pb2_grpc
+from services.security import auth_metadata, channel_credentials
 
 T = TypeVar("T")
 
@@ -66,6 +68,7 @@ class TargetSession:
             await self._client.stub.CloseSession(
                 target_pb2.CloseSessionRequest(session_id=self.session_id),
                 timeout=self._client.unary_timeout_s,
+                metadata=self._client.metadata,
             )
         except grpc.RpcError:
             pass
@@ -73,24 +76,50 @@ class TargetSession:
 
 class TargetClient:
     def __init__(
-        self, address: str, unary_timeout_s: float = 120.0, stream_timeout_s: float = 3600.0
+        self,
+        address: str,
+        unary_timeout_s: float = 120.0,
+        stream_timeout_s: float = 3600.0,
+        credentials: grpc.ChannelCredentials | None = None,
+        api_key: str | None = None,
+        server_name: str = "",
     ) -> None:
         self.address = address
         self.unary_timeout_s = unary_timeout_s
         self.stream_timeout_s = stream_timeout_s
+        self.credentials = credentials
+        self.metadata = auth_metadata(api_key)
+        self.server_name = server_name
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="target-client", daemon=True)
         self._thread.start()
         self.channel, self.stub = self.run(self._connect)
 
-    async def _connect(self) -> tuple[grpc.aio.Channel, target_pb2_grpc.TargetServiceStub]:
-        channel = grpc.aio.insecure_channel(
-            self.address,
-            options=[
-                ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
-                ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
-            ],
+    @classmethod
+    def from_config(cls, config: DraftConfig) -> TargetClient:
+        credentials = None
+        if config.target_tls_ca is not None:
+            credentials = channel_credentials(config.target_tls_ca, config.target_tls_cert, config.target_tls_key)
+        return cls(
+            config.target,
+            config.target_timeout_s,
+            config.generation_timeout_s,
+            credentials,
+            config.target_api_key.get_secret_value() if config.target_api_key else None,
+            config.target_tls_server_name,
         )
+
+    async def _connect(self) -> tuple[grpc.aio.Channel, target_pb2_grpc.TargetServiceStub]:
+        options = [
+            ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
+            ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+        ]
+        if self.server_name:
+            options.append(("grpc.ssl_target_name_override", self.server_name))
+        if self.credentials is not None:
+            channel = grpc.aio.secure_channel(self.address, self.credentials, options=options)
+        else:
+            channel = grpc.aio.insecure_channel(self.address, options=options)
         return channel, target_pb2_grpc.TargetServiceStub(channel)
 
     def run(self, make: Callable[[], Awaitable[T]]) -> T:
@@ -102,7 +131,7 @@ class TargetClient:
         return asyncio.run_coroutine_threadsafe(on_loop(), self._loop).result()
 
     async def _open_stream(self) -> grpc.aio.StreamStreamCall:
-        return self.stub.VerifyStream(timeout=self.stream_timeout_s)
+        return self.stub.VerifyStream(timeout=self.stream_timeout_s, metadata=self.metadata)
 
     def info(self, wait_s: float | None = None) -> target_pb2.InfoResponse:
         """Target info; with `wait_s`, wait that long for the target to come up."""
@@ -111,6 +140,7 @@ class TargetClient:
                 target_pb2.InfoRequest(),
                 timeout=wait_s or self.unary_timeout_s,
                 wait_for_ready=wait_s is not None,
+                metadata=self.metadata,
             )
         )
 
@@ -129,7 +159,9 @@ class TargetClient:
             strategy=strategy,
             sampling=sampling or target_pb2.SamplingParams(),
         )
-        opened = self.run(lambda: self.stub.OpenSession(request, timeout=self.unary_timeout_s))
+        opened = self.run(
+            lambda: self.stub.OpenSession(request, timeout=self.unary_timeout_s, metadata=self.metadata)
+        )
         return TargetSession(self, opened)
 
     def close(self) -> None:

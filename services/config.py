@@ -6,7 +6,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from services.model_loading import DEFAULT_CACHE_DIR
@@ -25,6 +25,22 @@ class NodeConfig(BaseSettings):
     metrics_port: int = Field(description="Prometheus /metrics port (0: pick a free one, -1: off)", ge=-1)
     workers: int = Field(16, ge=1, description="gRPC server threads (concurrent calls)")
     log_level: str = Field("INFO", description="python logging level")
+    tls_cert: Path | None = Field(None, description="serve gRPC over TLS with this certificate (PEM)")
+    tls_key: Path | None = Field(None, description="private key of --tls-cert (PEM)")
+    tls_client_ca: Path | None = Field(
+        None, description="mutual TLS: require client certificates signed by this CA (PEM)"
+    )
+    api_keys_file: Path | None = Field(
+        None, description="require an API key from this file (one per line) on every gRPC call but health"
+    )
+
+    @model_validator(mode="after")
+    def _tls_pairs(self) -> Self:
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ValueError("--tls-cert and --tls-key go together")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ValueError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        return self
 
     @classmethod
     def from_cli(cls, argv: Sequence[str], prog: str) -> Self:

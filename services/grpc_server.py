@@ -14,6 +14,7 @@ from prometheus_client import CollectorRegistry
 
 from services.config import NodeConfig
 from services.metrics import GrpcMetricsInterceptor, serve_metrics
+from services.security import ApiKeyInterceptor, read_api_keys, server_credentials
 
 MAX_MESSAGE_BYTES = 64 << 20
 NodeT = TypeVar("NodeT")
@@ -44,6 +45,7 @@ def build_server(
     port: int,
     workers: int,
     interceptors: Sequence[grpc.ServerInterceptor] = (),
+    credentials: grpc.ServerCredentials | None = None,
 ) -> tuple[grpc.Server, int, health.HealthServicer]:
     """Register (add_fn, servicer, full service name) triples; return server, bound port, health.
 
@@ -66,7 +68,8 @@ def build_server(
         names.append(name)
     health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
     reflection.enable_server_reflection([*names, health.SERVICE_NAME, reflection.SERVICE_NAME], server)
-    bound = server.add_insecure_port(f"{host}:{port}")
+    address = f"{host}:{port}"
+    bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
     if bound == 0:
         raise OSError(f"could not bind {host}:{port}")
     return server, bound, health_servicer
@@ -79,9 +82,16 @@ def start_node(
     cleanup: Callable[[], None],
     registry: CollectorRegistry,
 ) -> RunningServer[NodeT]:
-    """Build and start a node's gRPC server (with per-method metrics) and its /metrics endpoint."""
+    """Build and start a node's gRPC server (per-method metrics, optional TLS and API keys) and its
+    /metrics endpoint."""
+    interceptors: list[grpc.ServerInterceptor] = [GrpcMetricsInterceptor(registry)]  # counts rejections too
+    if config.api_keys_file is not None:
+        interceptors.append(ApiKeyInterceptor(read_api_keys(config.api_keys_file)))
+    credentials = (
+        server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca) if config.tls_cert else None
+    )
     server, port, health_servicer = build_server(
-        registrations, config.host, config.port, config.workers, [GrpcMetricsInterceptor(registry)]
+        registrations, config.host, config.port, config.workers, interceptors, credentials
     )
     server.start()
     metrics_port = (

@@ -22,6 +22,9 @@ from target_node.strategies import Strategy
 log = logging.getLogger(__name__)
 
 
+ANONYMOUS = "anonymous"  # the caller when neither API keys nor client certificates are in use
+
+
 @dataclass
 class Session:
     session_id: str
@@ -31,6 +34,7 @@ class Session:
     pending_token: int = -1  # chosen by the target, not yet part of the context
     cache: Any = None  # backend state (HF: the DynamicCache over `token_ids`)
     next_round: int = 0
+    owner: str = ANONYMOUS  # caller identity that opened it (services.security.caller_identity)
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -68,17 +72,21 @@ class SessionStore:
             session.last_used = self._clock()
             self._sessions[session.session_id] = session
 
-    def get(self, session_id: str) -> Session:
+    def get(self, session_id: str, owner: str = ANONYMOUS) -> Session:
+        """The session, if `owner` opened it; another caller's session reads as unknown."""
         with self._lock:
             session = self._sessions.get(session_id)
-            if session is None:
+            if session is None or session.owner != owner:
                 raise NotFound(f"unknown or expired session {session_id!r}")
             session.last_used = self._clock()
             return session
 
-    def remove(self, session_id: str) -> bool:
+    def remove(self, session_id: str, owner: str = ANONYMOUS) -> bool:
         with self._lock:
-            session = self._sessions.pop(session_id, None)
+            session = self._sessions.get(session_id)
+            if session is None or session.owner != owner:
+                return False
+            del self._sessions[session_id]
         if session is not None:
             self._on_remove(session, "closed")
         return session is not None

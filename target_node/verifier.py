@@ -14,7 +14,7 @@ from services.rpc.specwire.v1 import target_pb2
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
 from target_node.metrics import TargetMetrics
-from target_node.session import Session, SessionStore
+from target_node.session import ANONYMOUS, Session, SessionStore
 from target_node.strategies import STRATEGIES, make_strategy
 
 log = logging.getLogger(__name__)
@@ -85,7 +85,9 @@ class Verifier:
             eos_token_id=self.eos_token_id,
         )
 
-    def open_session(self, request: target_pb2.OpenSessionRequest) -> target_pb2.OpenSessionResponse:
+    def open_session(
+        self, request: target_pb2.OpenSessionRequest, owner: str = ANONYMOUS
+    ) -> target_pb2.OpenSessionResponse:
         if not request.tokenizer_fingerprint:
             raise InvalidArgument("tokenizer_fingerprint is required (see TargetService.Info)")
         if request.tokenizer_fingerprint != self.fingerprint:
@@ -117,7 +119,9 @@ class Verifier:
             request.strategy, request.sampling, request.strategy_params, self.backend.kernels
         )
         seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63)
-        session = Session(SessionStore.new_id(), prompt, strategy, torch.Generator().manual_seed(seed))
+        session = Session(
+            SessionStore.new_id(), prompt, strategy, torch.Generator().manual_seed(seed), owner=owner
+        )
         if request.HasField("resume_pending_token_id") and request.resume_pending_token_id >= self.vocab_size:
             raise InvalidArgument(
                 f"resume_pending_token_id {request.resume_pending_token_id} outside the vocabulary"
@@ -134,8 +138,8 @@ class Verifier:
             context_length=session.context_length,
         )
 
-    def verify(self, request: target_pb2.VerifyRequest) -> target_pb2.VerifyResponse:
-        session = self.sessions.get(request.session_id)
+    def verify(self, request: target_pb2.VerifyRequest, owner: str = ANONYMOUS) -> target_pb2.VerifyResponse:
+        session = self.sessions.get(request.session_id, owner)
         with session.lock:
             if request.round_id != session.next_round:
                 raise FailedPrecondition(
@@ -174,8 +178,8 @@ class Verifier:
                 batch_size=result.batch_size,
             )
 
-    def close_session(self, session_id: str) -> bool:
-        return self.sessions.remove(session_id)
+    def close_session(self, session_id: str, owner: str = ANONYMOUS) -> bool:
+        return self.sessions.remove(session_id, owner)
 
     def stop(self) -> None:
         self.backend.stop()
