@@ -25,7 +25,9 @@ class DraftConfig(NodeConfig):
     served_model_name: str = Field(
         "", description="model name in the OpenAI API (default: the draft's target model id)"
     )
-    target: str = Field("127.0.0.1:50051", description="target node address host:port")
+    target: str = Field(
+        "127.0.0.1:50051", description="target: host:port or grpc://host:port, or modal://app/Class (deploy/modal_app.py)"
+    )
     target_api_key: SecretStr | None = Field(None, description="API key sent to the target")
     target_tls_ca: Path | None = Field(None, description="reach the target over TLS, trusting this CA (PEM)")
     target_tls_cert: Path | None = Field(None, description="mutual TLS: this node's client certificate")

@@ -101,7 +101,7 @@ class TargetClient:
         if config.target_tls_ca is not None:
             credentials = channel_credentials(config.target_tls_ca, config.target_tls_cert, config.target_tls_key)
         return cls(
-            config.target,
+            config.target.removeprefix("grpc://"),
             config.target_timeout_s,
             config.generation_timeout_s,
             credentials,

@@ -41,6 +41,21 @@ class OutOfRange(SpecwireError):
     code = grpc.StatusCode.OUT_OF_RANGE
 
 
+class RemoteCallError(grpc.RpcError):
+    """A failed call over a non-gRPC transport (Modal), shaped like a gRPC error so callers handle
+    both alike."""
+
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        super().__init__(f"{code.name}: {details}")
+        self._code, self._details = code, details
+
+    def code(self) -> grpc.StatusCode:
+        return self._code
+
+    def details(self) -> str:
+        return self._details
+
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 

@@ -39,6 +39,11 @@ class TargetMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=registry,
         )
+        self.session_rebuilds = Counter(
+            "specwire_target_session_rebuilds_total",
+            "Sessions re-prefilled from the committed tokens a request carried (serverless replicas)",
+            registry=registry,
+        )
         self.sessions_opened = Counter(
             "specwire_target_sessions_opened_total", "Sessions opened", registry=registry
         )

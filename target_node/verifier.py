@@ -9,7 +9,7 @@ import time
 import torch
 
 from services.candidate_tree import CandidateTree
-from services.errors import FailedPrecondition, InvalidArgument, OutOfRange
+from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from services.rpc.specwire.v1 import target_pb2
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
@@ -177,6 +177,22 @@ class Verifier:
                 candidates=candidate_results(tree, result),
                 batch_size=result.batch_size,
             )
+
+    def verify_or_rebuild(
+        self, request: target_pb2.VerifyRequest, resume: target_pb2.OpenSessionRequest, owner: str = ANONYMOUS
+    ) -> target_pb2.VerifyResponse:
+        """Verify on the session, or, where this replica does not hold it (a serverless platform
+        routed the call elsewhere), rebuild it from `resume` (the committed tokens and pending
+        token) first. The response's session_id is then the new session's."""
+        try:
+            return self.verify(request, owner)
+        except NotFound:
+            if not resume.prompt_token_ids:
+                raise
+        opened = self.open_session(resume, owner)
+        self.metrics.session_rebuilds.inc()
+        rebuilt = target_pb2.VerifyRequest(session_id=opened.session_id, round_id=0, tree=request.tree)
+        return self.verify(rebuilt, owner)
 
     def close_session(self, session_id: str, owner: str = ANONYMOUS) -> bool:
         return self.sessions.remove(session_id, owner)
