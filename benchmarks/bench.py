@@ -1,0 +1,194 @@
+"""Benchmark client: GSM8K + HumanEval through specwire, against the target alone and HF assisted
+generation on the same pair, in one run on one machine.
+
+    python -m benchmarks.bench --gsm8k 10 --humaneval 10 --max-tokens 128     # `make bench`
+    python -m benchmarks.bench --draft 127.0.0.1:50052 ...                      # a running draft node
+    python -m benchmarks.bench --openai http://127.0.0.1:8000 ...               # its OpenAI API
+
+Without --draft/--openai a target and a draft node are started in this process on loopback (the
+baselines reuse their loaded models). Runs go one after another, never concurrently with each
+other. Writes report.json, report.md, speedup.png and acceptance_by_position.png to --out-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from benchmarks.bench_data import Sample, load_samples
+from benchmarks.bench_quality import is_correct
+from benchmarks.bench_report import markdown_table, plot, summarize
+from benchmarks.bench_runners import Generation, HFRunner, Settings, SpecwireGrpcRunner, SpecwireOpenAIRunner
+from draft_node.config import DraftConfig
+from draft_node.proposers import eos_token_ids
+from draft_node.server import start_draft
+from services.model_loading import load_model
+from target_node.config import TargetConfig
+from target_node.server import start_target
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--gsm8k", type=int, default=10, help="GSM8K test problems (from the first)")
+    parser.add_argument("--humaneval", type=int, default=10, help="HumanEval problems (from the first)")
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=None, help="per-request seed when sampling")
+    parser.add_argument("--strategy", default="", help="verification strategy (default: lossless for T)")
+    parser.add_argument("-k", "--k", type=int, action="append", help="K to run (repeatable; default 3)")
+    parser.add_argument("--adaptive", action="store_true", help="also run specwire with adaptive K/N")
+    parser.add_argument("--proposer", default="hf", choices=["hf", "vllm", "ngram"])
+    parser.add_argument("--num-candidates", type=int, default=1, help="N (vllm, ngram proposers)")
+    parser.add_argument("--concurrency", type=int, default=1, help="concurrent specwire requests")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed requests per run first")
+    parser.add_argument("--target-model", default="qwen2.5-coder-1.5b-instruct")
+    parser.add_argument("--draft-model", default="qwen2.5-coder-0.5b-instruct")
+    parser.add_argument("--draft", help="drive this running draft node (gRPC host:port)")
+    parser.add_argument("--openai", help="drive this running draft node's OpenAI API (base URL)")
+    parser.add_argument("--no-baseline", action="store_true", help="skip the target-alone run")
+    parser.add_argument("--no-assisted", action="store_true", help="skip HF assisted generation")
+    parser.add_argument(
+        "--out-dir", type=Path, default=Path("benchmarks/results") / time.strftime("bench-%Y%m%d-%H%M%S")
+    )
+    args = parser.parse_args(argv)
+    args.k = args.k or [3]
+    return args
+
+
+def run(
+    name: str, runner: object, samples: list[Sample], prompts: dict[str, str], args: argparse.Namespace
+) -> list[Generation]:
+    """Warm up, then generate every sample (specwire runners `--concurrency` at a time)."""
+    timed_settings = runner.settings
+    runner.settings = replace(timed_settings, max_tokens=min(8, timed_settings.max_tokens))
+    for sample in samples[: args.warmup]:
+        runner.generate(sample.sample_id, prompts[sample.sample_id])
+    runner.settings = timed_settings
+    workers = args.concurrency if name.startswith("specwire") else 1
+    with ThreadPoolExecutor(workers) as pool, tqdm(total=len(samples), desc=name, file=sys.stderr) as bar:
+        futures = [pool.submit(runner.generate, s.sample_id, prompts[s.sample_id]) for s in samples]
+        generations = []
+        for future in futures:
+            generations.append(future.result())
+            bar.update()
+    return generations
+
+
+def machine() -> dict:
+    commit = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
+    ).stdout.strip()
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor(),
+        "cpus": len(os.sched_getaffinity(0)),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "commit": commit,
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse_args(argv)
+    samples = load_samples(args.gsm8k, args.humaneval)
+    by_id = {s.sample_id: s for s in samples}
+    target = load_model(args.target_model)
+    tokenizer = target.tokenizer
+    prompts = {
+        s.sample_id: tokenizer.apply_chat_template(s.messages, add_generation_prompt=True, tokenize=False)
+        for s in samples
+    }
+    eos = sorted(eos_token_ids(tokenizer, target.model.generation_config))
+    local = not (args.draft or args.openai)
+    draft = load_model(args.draft_model) if local or not args.no_assisted else None
+    servers = []
+    if local:
+        target_server = start_target(TargetConfig(model=target.model_id, port=0, metrics_port=-1), target)
+        draft_server = start_draft(
+            DraftConfig(
+                model=draft.model_id,
+                target=f"127.0.0.1:{target_server.port}",
+                port=0,
+                metrics_port=-1,
+                http_port=-1,
+                proposer=args.proposer,
+                num_candidates=args.num_candidates,
+                adaptive=args.adaptive,
+            ),
+            draft,
+        )
+        servers = [draft_server, target_server]
+        args.draft = f"127.0.0.1:{draft_server.port}"
+
+    def settings(k: int = 0) -> Settings:
+        return Settings(args.max_tokens, args.temperature, args.strategy, k, args.seed)
+
+    runs: list[tuple[str, object]] = []
+    if not args.no_baseline:
+        runs.append(("target-alone", HFRunner(target, settings(), eos)))
+    if not args.no_assisted:
+        runs += [(f"hf-assisted K={k}", HFRunner(target, settings(k), eos, assistant=draft)) for k in args.k]
+    for k in [*args.k, *([0] if args.adaptive else [])]:
+        name = f"specwire K={k}" if k else "specwire adaptive"
+        if args.openai:
+            runs.append((name, SpecwireOpenAIRunner(args.openai, settings(k), tokenizer)))
+        else:
+            runs.append((name, SpecwireGrpcRunner(args.draft, settings(k))))
+    results: dict[str, list[Generation]] = {}
+    try:
+        for name, runner in runs:
+            results[name] = run(name, runner, samples, prompts, args)
+    finally:
+        for server in servers:
+            server.stop(0)
+    correct = {
+        name: {g.sample_id: is_correct(by_id[g.sample_id], g.text) for g in gens}
+        for name, gens in results.items()
+    }
+    baseline = results.get("target-alone")
+    summaries = [
+        summarize(name, gens, by_id, correct[name], None if name == "target-alone" else baseline)
+        for name, gens in results.items()
+    ]
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    report = {
+        "command": "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "machine": machine(),
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "summaries": summaries,
+        "generations": {
+            name: [
+                {"sample_id": g.sample_id, "tokens": len(g.token_ids), "seconds": round(g.seconds, 3),
+                 "ttft_s": round(g.ttft_s, 3), "correct": correct[name][g.sample_id], "text": g.text}
+                for g in gens
+            ]
+            for name, gens in results.items()
+        },
+    }  # fmt: skip
+    (args.out_dir / "report.json").write_text(json.dumps(report, indent=2))
+    table = markdown_table(summaries)
+    (args.out_dir / "report.md").write_text(
+        f"`{report['command']}`\n\n{json.dumps(report['machine'])}\n\n{table}"
+    )
+    plot(summaries, args.out_dir)
+    print(table)
+    print(f"report: {args.out_dir}", file=sys.stderr)
+    return report
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,169 @@
+"""Ways to produce one completion, all timed the same way: a specwire draft node (gRPC or its
+OpenAI API), the target alone (HF generate), and HF assisted generation with the same pair."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+
+import grpc
+import httpx
+import torch
+from transformers.generation.streamers import BaseStreamer
+
+from services.model_loading import LoadedModel
+from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
+
+
+@dataclass
+class Settings:
+    max_tokens: int = 128
+    temperature: float = 0.0
+    strategy: str = ""  # empty: the node's default for the temperature
+    num_speculative_tokens: int = 0  # 0: the node's default (or its adaptive controller)
+    seed: int | None = None
+
+
+@dataclass
+class Generation:
+    sample_id: str
+    token_ids: list[int]
+    text: str
+    seconds: float  # request start to last token
+    ttft_s: float  # request start to first generated token
+    rounds: list[dict] = field(default_factory=list)  # specwire over gRPC: one RoundStats dict per round
+
+    @property
+    def tpot_s(self) -> float:
+        """Mean time per output token after the first."""
+        return (self.seconds - self.ttft_s) / max(1, len(self.token_ids) - 1)
+
+
+class SpecwireGrpcRunner:
+    name = "specwire"
+
+    def __init__(self, address: str, settings: Settings) -> None:
+        self.stub = draft_pb2_grpc.DraftServiceStub(grpc.insecure_channel(address))
+        self.settings = settings
+
+    def generate(self, sample_id: str, prompt_text: str) -> Generation:
+        s = self.settings
+        request = draft_pb2.GenerateRequest(
+            prompt=prompt_text,
+            max_tokens=s.max_tokens,
+            num_speculative_tokens=s.num_speculative_tokens,
+            temperature=s.temperature,
+            strategy=s.strategy,
+            seed=s.seed,
+        )
+        start = time.perf_counter()
+        first = None
+        tokens, text, rounds = [], [], []
+        for chunk in self.stub.Generate(request):
+            if chunk.token_ids and first is None:
+                first = time.perf_counter() - start
+            tokens += chunk.token_ids
+            text.append(chunk.text)
+            if chunk.HasField("stats"):
+                st = chunk.stats
+                rounds.append(
+                    dict(
+                        drafted=st.drafted_tokens,
+                        accepted=st.accepted_tokens,
+                        draft_s=st.draft_seconds,
+                        verify_s=st.verify_seconds,
+                        round_s=st.round_seconds,
+                    )
+                )
+        seconds = time.perf_counter() - start
+        return Generation(sample_id, tokens, "".join(text), seconds, first or seconds, rounds)
+
+
+class SpecwireOpenAIRunner:
+    """The draft node's /v1/completions with stream=true (no per-round stats over this API)."""
+
+    name = "specwire-openai"
+
+    def __init__(self, base_url: str, settings: Settings, tokenizer: object) -> None:
+        self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=600)
+        self.model = self.client.get("/v1/models").json()["data"][0]["id"]
+        self.settings, self.tokenizer = settings, tokenizer
+
+    def generate(self, sample_id: str, prompt_text: str) -> Generation:
+        s = self.settings
+        body = {"model": self.model, "prompt": prompt_text, "max_tokens": s.max_tokens, "stream": True}
+        body |= {"temperature": s.temperature} | ({"seed": s.seed} if s.seed is not None else {})
+        start = time.perf_counter()
+        first, text = None, []
+        with self.client.stream("POST", "/v1/completions", json=body) as response:
+            response.raise_for_status()
+            for line in response.iter_lines():
+                if not line.startswith("data: ") or line == "data: [DONE]":
+                    continue
+                piece = json.loads(line[6:])["choices"][0]["text"]
+                if piece and first is None:
+                    first = time.perf_counter() - start
+                text.append(piece)
+        seconds = time.perf_counter() - start
+        joined = "".join(text)
+        return Generation(sample_id, self.tokenizer.encode(joined), joined, seconds, first or seconds)
+
+
+class _TokenTimes(BaseStreamer):
+    """Records when generate() emits tokens (its first put() is the prompt)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+        self._prompt_seen = False
+
+    def put(self, value: torch.Tensor) -> None:
+        if self._prompt_seen:
+            self.times.append(time.perf_counter())
+        self._prompt_seen = True
+
+    def end(self) -> None:
+        pass
+
+
+class HFRunner:
+    """The target alone (`assistant` None) or HF assisted generation with `assistant` as the draft."""
+
+    def __init__(
+        self, target: LoadedModel, settings: Settings, eos: list[int], assistant: LoadedModel | None = None
+    ) -> None:
+        self.target, self.settings, self.eos, self.assistant = target, settings, eos, assistant
+        self.name = "hf-assisted" if assistant else "target-alone"
+
+    @torch.inference_mode()
+    def generate(self, sample_id: str, prompt_text: str) -> Generation:
+        s = self.settings
+        ids = torch.tensor([self.target.tokenizer.encode(prompt_text)])
+        kwargs: dict = dict(
+            max_new_tokens=s.max_tokens,
+            eos_token_id=self.eos,
+            pad_token_id=self.eos[0],
+            repetition_penalty=1.0,
+        )
+        if s.temperature > 0:
+            kwargs |= dict(do_sample=True, temperature=s.temperature, top_k=0, top_p=1.0)
+            torch.manual_seed(s.seed or 0)
+        else:
+            kwargs |= dict(do_sample=False)
+        if self.assistant is not None:
+            kwargs |= dict(
+                assistant_model=self.assistant.model,
+                num_assistant_tokens=s.num_speculative_tokens or 3,
+                num_assistant_tokens_schedule="constant",
+            )
+        streamer = _TokenTimes()
+        start = time.perf_counter()
+        out = self.target.model.generate(
+            ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs
+        )
+        seconds = time.perf_counter() - start
+        tokens = out[0, ids.shape[1] :].tolist()
+        cut = next((i for i, t in enumerate(tokens) if t in self.eos), len(tokens))
+        tokens = tokens[:cut]
+        first = streamer.times[0] - start if streamer.times else seconds
+        return Generation(sample_id, tokens, self.target.tokenizer.decode(tokens), seconds, first)
