@@ -56,6 +56,9 @@ class DraftConfig(NodeConfig):
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
     max_prompt_chars: int = Field(200_000, ge=1, description="longest prompt text accepted")
     target_timeout_s: float = Field(120.0, gt=0, description="deadline for unary calls to the target")
+    target_round_timeout_s: float = Field(
+        120.0, gt=0, description="deadline for one verify round on the generation's stream"
+    )
     retry_deadline_s: float = Field(30.0, ge=0, description="keep retrying an unavailable target this long")
     generation_timeout_s: float = Field(
         3600.0, gt=0, description="deadline for one generation's verify stream"

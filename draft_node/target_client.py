@@ -17,6 +17,7 @@ import grpc
 
 from draft_node.config import DraftConfig
 from services.candidate_tree import CandidateTree
+from services.errors import RemoteCallError
 from services.grpc_server import MAX_MESSAGE_BYTES
 from services.rpc.specwire.v1 import target_pb2, target_pb2_grpc
 from services.security import auth_metadata, channel_credentials
@@ -42,8 +43,17 @@ class TargetSession:
         return self._client.run(lambda: self._round_trip(request))
 
     async def _round_trip(self, request: target_pb2.VerifyRequest) -> target_pb2.VerifyResponse:
-        await self._stream.write(request)
-        response = await self._stream.read()
+        """One round on the stream, under the per-round deadline (the stream's own deadline covers
+        the whole generation): a round past it cancels the stream with DEADLINE_EXCEEDED."""
+        timeout = self._client.round_timeout_s
+        try:
+            await asyncio.wait_for(self._stream.write(request), timeout)
+            response = await asyncio.wait_for(self._stream.read(), timeout)
+        except TimeoutError:
+            self._stream.cancel()
+            raise RemoteCallError(
+                grpc.StatusCode.DEADLINE_EXCEEDED, f"verify round {request.round_id} took longer than {timeout}s"
+            ) from None
         if response is grpc.aio.EOF:
             await self._stream.wait_for_connection()
             raise grpc.aio.AioRpcError(
@@ -83,10 +93,12 @@ class TargetClient:
         credentials: grpc.ChannelCredentials | None = None,
         api_key: str | None = None,
         server_name: str = "",
+        round_timeout_s: float = 120.0,
     ) -> None:
         self.address = address
         self.unary_timeout_s = unary_timeout_s
         self.stream_timeout_s = stream_timeout_s
+        self.round_timeout_s = round_timeout_s
         self.credentials = credentials
         self.metadata = auth_metadata(api_key)
         self.server_name = server_name
@@ -107,6 +119,7 @@ class TargetClient:
             credentials,
             config.target_api_key.get_secret_value() if config.target_api_key else None,
             config.target_tls_server_name,
+            config.target_round_timeout_s,
         )
 
     async def _connect(self) -> tuple[grpc.aio.Channel, target_pb2_grpc.TargetServiceStub]:

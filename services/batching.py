@@ -12,6 +12,8 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Generic, TypeVar
 
+from services.errors import Unavailable
+
 log = logging.getLogger(__name__)
 JobT = TypeVar("JobT")
 ResultT = TypeVar("ResultT")
@@ -34,6 +36,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
         self.max_wait_s = max_wait_s
         self.on_retry_alone = on_retry_alone  # undo what a failed batch may have done to a job
         self._jobs: queue.Queue[tuple[JobT, Future] | None] = queue.Queue()
+        self._stopped = threading.Event()
         started: Future = Future()
         self._worker = threading.Thread(target=self._loop, args=(on_start, started), name=name, daemon=True)
         self._worker.start()
@@ -43,11 +46,25 @@ class MicroBatcher(Generic[JobT, ResultT]):
         """Blocking: the job's result and the size of the batch it ran in."""
         future: Future = Future()
         self._jobs.put((job, future))
+        if self._stopped.is_set():
+            self._fail_queued()  # the worker may be gone: nobody else would answer this job
         return future.result()
 
     def stop(self) -> None:
+        """Finish the batch in flight; jobs still queued, or submitted later, fail with UNAVAILABLE."""
+        self._stopped.set()
         self._jobs.put(None)
         self._worker.join(timeout=30)
+        self._fail_queued()
+
+    def _fail_queued(self) -> None:
+        while True:
+            try:
+                item = self._jobs.get_nowait()
+            except queue.Empty:
+                return
+            if item is not None and not item[1].done():
+                item[1].set_exception(Unavailable("the node is shutting down"))
 
     def _loop(self, on_start: Callable[[], None], started: Future) -> None:
         try:
@@ -56,7 +73,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
             started.set_exception(exc)
             return
         started.set_result(None)
-        while (first := self._jobs.get()) is not None:
+        while not self._stopped.is_set() and (first := self._jobs.get()) is not None:
             batch = [first]
             deadline = time.monotonic() + self.max_wait_s
             while len(batch) < self.max_batch_size:

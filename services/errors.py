@@ -37,6 +37,10 @@ class ResourceExhausted(SpecwireError):
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
+class Unavailable(SpecwireError):
+    code = grpc.StatusCode.UNAVAILABLE
+
+
 class OutOfRange(SpecwireError):
     code = grpc.StatusCode.OUT_OF_RANGE
 

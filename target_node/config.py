@@ -31,6 +31,9 @@ class TargetConfig(NodeConfig):
         32, ge=1, description="vllm: KV block size (the CPU build needs a multiple of 32)"
     )
     max_sessions: int = Field(64, ge=1, description="concurrent sessions (KV caches) held")
+    kv_cache_budget_mb: float = Field(
+        0, ge=0, description="evict least recently used sessions when their KV caches exceed this (0: off)"
+    )
     session_ttl_s: float = Field(300.0, gt=0, description="idle sessions are closed after this long")
     max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt a session may prefill")
     max_context_tokens: int = Field(

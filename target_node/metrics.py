@@ -49,7 +49,7 @@ class TargetMetrics:
         )
         self.sessions_removed = Counter(
             "specwire_target_sessions_removed_total",
-            "Sessions removed, by reason (closed, ttl, shutdown)",
+            "Sessions removed, by reason (closed, ttl, evicted, shutdown)",
             ["reason"],
             registry=registry,
         )

@@ -50,9 +50,13 @@ class SessionStore:
         ttl_s: float,
         clock: Callable[[], float] = time.monotonic,
         on_remove: Callable[[Session, str], None] = lambda session, reason: None,
+        budget_bytes: int = 0,
+        size_of: Callable[[Session], int] = lambda session: 0,
     ) -> None:
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
+        self.budget_bytes = budget_bytes  # KV memory the sessions may hold together (0: no limit)
+        self.size_of = size_of
         self._clock = clock
         self._on_remove = on_remove
         self._sessions: dict[str, Session] = {}
@@ -90,6 +94,28 @@ class SessionStore:
         if session is not None:
             self._on_remove(session, "closed")
         return session is not None
+
+    def evict_over_budget(self, keep: Session | None = None) -> list[str]:
+        """Evict least recently used sessions (never `keep`, never one mid-round) until their KV
+        memory fits the budget; their clients get NOT_FOUND and re-prefill elsewhere or later."""
+        if not self.budget_bytes:
+            return []
+        evicted = []
+        with self._lock:
+            by_age = sorted(self._sessions.values(), key=lambda session: session.last_used)
+            total = sum(self.size_of(session) for session in by_age)
+            for session in by_age:
+                if total <= self.budget_bytes:
+                    break
+                if session is keep or session.lock.locked():
+                    continue
+                total -= self.size_of(session)
+                del self._sessions[session.session_id]
+                evicted.append(session)
+        for session in evicted:
+            self._on_remove(session, "evicted")
+            log.info("session %s evicted: KV memory over the %d-byte budget", session.session_id, self.budget_bytes)
+        return [session.session_id for session in evicted]
 
     def snapshot(self) -> list[Session]:
         with self._lock:

@@ -56,7 +56,11 @@ class Verifier:
         self.max_context = min(config.max_context_tokens or backend.max_context, backend.max_context)
         self.metrics = metrics
         self.sessions = SessionStore(
-            config.max_sessions, config.session_ttl_s, on_remove=self._on_session_removed
+            config.max_sessions,
+            config.session_ttl_s,
+            on_remove=self._on_session_removed,
+            budget_bytes=int(config.kv_cache_budget_mb * (1 << 20)),
+            size_of=backend.session_bytes,
         )
         metrics.backend.info(backend.describe())
         metrics.track_sessions(
@@ -131,6 +135,7 @@ class Verifier:
         if request.HasField("resume_pending_token_id"):
             session.pending_token = request.resume_pending_token_id
         self.sessions.add(session)
+        self.sessions.evict_over_budget(keep=session)
         self.metrics.sessions_opened.inc()
         return target_pb2.OpenSessionResponse(
             session_id=session.session_id,
@@ -164,6 +169,7 @@ class Verifier:
             self.metrics.accepted_tokens.inc(len(accepted_tokens))
             self.metrics.forward_seconds.observe(elapsed)
             self.metrics.batch_size.observe(result.batch_size)
+            self.sessions.evict_over_budget(keep=session)
             return target_pb2.VerifyResponse(
                 session_id=session.session_id,
                 round_id=request.round_id,

@@ -6,7 +6,9 @@ import threading
 
 import pytest
 
+from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
+from services.errors import Unavailable
 from services.rpc.specwire.v1 import target_pb2
 from target_node.backends import build_verifier
 from target_node.backends.hf import check_tree_attention
@@ -136,3 +138,36 @@ def test_candidates_report_accepted_length_best_first(target_model):
     assert by_leaf[1].accepted_length == 0 and by_leaf[1].target_logprob == 0
     assert all(c.target_logprob < 0 for c in response.candidates if c.accepted_length)
     verifier.stop()
+
+
+def test_a_stopped_batcher_answers_unavailable_instead_of_hanging():
+    started, release = threading.Event(), threading.Event()
+
+    def slow(jobs):
+        started.set()
+        release.wait(5)
+        return jobs
+
+    batcher = MicroBatcher(slow, max_batch_size=1, max_wait_s=0)
+    results = {}
+    first = threading.Thread(target=lambda: results.setdefault("first", batcher.submit(1)))
+    first.start()
+    started.wait(5)
+    queued = threading.Thread(target=lambda: results.setdefault("queued", _outcome(batcher.submit, 2)))
+    queued.start()
+    stopper = threading.Thread(target=batcher.stop)
+    stopper.start()
+    release.set()
+    for thread in (first, queued, stopper):
+        thread.join(10)
+    assert results["first"] == (1, 1)  # the batch in flight finishes
+    assert isinstance(results["queued"], Unavailable)
+    with pytest.raises(Unavailable):
+        batcher.submit(3)
+
+
+def _outcome(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as exc:  # noqa: BLE001
+        return exc

@@ -25,11 +25,11 @@ def test_session_lost_on_the_target_is_resumed(tiny, target_model, pair_factory)
     original = verifier.verify
     rounds = {"n": 0}
 
-    def forgetful(request):
+    def forgetful(request, *owner):
         rounds["n"] += 1
         if rounds["n"] in (3, 7):  # the target "restarts": every session is gone
             verifier.sessions.stop()
-        return original(request)
+        return original(request, *owner)
 
     verifier.verify = forgetful
     tokens, _ = collect(pair.draft_stub, prompt=PROMPT, max_tokens=60, num_speculative_tokens=3)

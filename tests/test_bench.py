@@ -1,0 +1,78 @@
+"""The benchmark client: data sets load, quality scoring is right (and can fail), report maths,
+and a whole run on tiny models writes its JSON, table and plots with greedy output identical."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from benchmarks.bench import main
+from benchmarks.bench_data import gsm8k, humaneval
+from benchmarks.bench_quality import gsm8k_answer, humaneval_program, is_correct
+from benchmarks.bench_report import acceptance_by_position, percentile
+
+
+def test_data_sets_come_from_the_packages():
+    problems = gsm8k(3)
+    assert [s.sample_id for s in problems] == ["gsm8k/0", "gsm8k/1", "gsm8k/2"]
+    assert problems[0].reference == "18"  # Janet's ducks
+    assert problems[0].messages[-1]["role"] == "user" and len(problems[0].messages) == 6
+    tasks = humaneval(164)
+    assert len(tasks) == 164 and tasks[0].problem["entry_point"] == "has_close_elements"
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("16 - 9 = 7 eggs, 7 * 2 = 14.\nThe answer is 14.", "14"),
+        ("The answer is $1,250.", "1250"),
+        ("so 3 + 4 = 7", "7"),
+        ("The answer is 18.0", "18"),
+        ("no digits here", None),
+    ],
+)
+def test_gsm8k_answer_extraction(text, answer):
+    assert gsm8k_answer(text) == answer
+
+
+def test_humaneval_scoring_runs_the_tests():
+    task = humaneval(1)[0]
+    solution = task.problem["prompt"] + task.problem["canonical_solution"]
+    assert humaneval_program(f"Here:\n```python\n{solution}```\nDone.") == solution.rstrip() + "\n"
+    assert is_correct(task, f"```python\n{solution}```")
+    wrong = solution.replace("return True", "return False")
+    assert not is_correct(task, f"```python\n{wrong}```")
+    assert not is_correct(task, "```python\ndef has_close_elements(numbers, threshold):\n    while True: pass\n```", 1.0)
+
+
+def test_gsm8k_scoring():
+    sample = gsm8k(1)[0]
+    assert is_correct(sample, "... The answer is 18.")
+    assert not is_correct(sample, "... The answer is 17.")
+
+
+def test_report_maths():
+    assert percentile([1, 2, 3, 4], 50) == 2 and percentile([1, 2, 3, 4], 99) == 4 and percentile([], 50) is None
+    rounds = [dict(drafted=3, accepted=3), dict(drafted=3, accepted=1), dict(drafted=2, accepted=0)]
+    assert acceptance_by_position(rounds) == [2 / 3, 1 / 3, 1 / 2]
+
+
+def test_a_whole_run_on_tiny_models(tiny, tmp_path):
+    out = tmp_path / "bench"
+    report = main(
+        ["--gsm8k", "2", "--humaneval", "2", "--max-tokens", "10", "--target-model", tiny.target,
+         "--draft-model", tiny.draft_noisy, "--out-dir", str(out), "-k", "2", "-k", "4", "--concurrency", "2"]
+    )  # fmt: skip
+    names = [s["name"] for s in report["summaries"]]
+    assert names == ["target-alone", "hf-assisted K=2", "hf-assisted K=4", "specwire K=2", "specwire K=4"]
+    for summary in report["summaries"][1:]:
+        assert summary["identical_to_baseline"] == 4  # greedy: every run reproduces the target alone
+        assert summary["speedup"] > 0
+    spec = report["summaries"][-1]
+    assert 0 < spec["acceptance_rate"] <= 1 and len(spec["acceptance_by_position"]) == 4
+    assert set(spec["round_breakdown_s"]) == {"draft", "verify", "network_and_other"}
+    assert json.loads((out / "report.json").read_text())["summaries"] == report["summaries"]
+    assert "| specwire K=4 |" in (out / "report.md").read_text()
+    for plot in ("speedup.png", "acceptance_by_position.png"):
+        assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
