@@ -16,11 +16,11 @@ from draft_node.config import DraftConfig
 from draft_node.controller import AdaptiveController, FixedController
 from draft_node.detokenizer import IncrementalDetokenizer
 from draft_node.metrics import DraftMetrics
+from draft_node.modal_client import TargetTransport
 from draft_node.proposers import Drafter
 from draft_node.proposers.base import draft_sampling
 from draft_node.resumable_session import ResumableSession, RetryPolicy
 from draft_node.speculative import RoundOutcome, speculative_rounds
-from draft_node.target_client import TargetClient
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 from services.sampling import check_sampling
@@ -33,7 +33,7 @@ class DraftEngine:
     """Shared by all concurrent generations: one draft model, one target connection."""
 
     def __init__(
-        self, drafter: Drafter, target: TargetClient, config: DraftConfig, metrics: DraftMetrics
+        self, drafter: Drafter, target: TargetTransport, config: DraftConfig, metrics: DraftMetrics
     ) -> None:
         self.drafter = drafter
         self.metrics = metrics

@@ -15,6 +15,7 @@ from urllib.parse import urlparse
 
 import grpc
 
+from draft_node.target_client import TargetClient
 from services.candidate_tree import CandidateTree
 from services.errors import RemoteCallError, SpecwireError
 from services.rpc.specwire.v1 import target_pb2
@@ -98,21 +99,7 @@ class ModalTargetClient:
     def info(self, wait_s: float | None = None) -> target_pb2.InfoResponse:
         return target_pb2.InfoResponse.FromString(self.call("info"))
 
-    def open_session(
-        self,
-        prompt_token_ids: list[int],
-        tokenizer_fingerprint: str,
-        strategy: str = "",
-        sampling: target_pb2.SamplingParams | None = None,
-        resume_pending_token_id: int | None = None,
-    ) -> ModalTargetSession:
-        request = target_pb2.OpenSessionRequest(
-            resume_pending_token_id=resume_pending_token_id,
-            prompt_token_ids=prompt_token_ids,
-            tokenizer_fingerprint=tokenizer_fingerprint,
-            strategy=strategy,
-            sampling=sampling or target_pb2.SamplingParams(),
-        )
+    def open_session(self, request: target_pb2.OpenSessionRequest) -> ModalTargetSession:
         opened = target_pb2.OpenSessionResponse.FromString(self.call("open_session", request.SerializeToString()))
         resume = target_pb2.OpenSessionRequest()
         resume.CopyFrom(request)
@@ -120,3 +107,6 @@ class ModalTargetClient:
 
     def close(self) -> None:
         """Nothing held locally: Modal manages the connection."""
+
+
+TargetTransport = TargetClient | ModalTargetClient  # what the draft engine talks to the target through

@@ -18,7 +18,7 @@ from typing import TypeVar
 
 import grpc
 
-from draft_node.target_client import TargetClient
+from draft_node.modal_client import TargetTransport
 from services.candidate_tree import CandidateTree
 from services.errors import rpc_status
 from services.rpc.specwire.v1 import target_pb2
@@ -42,7 +42,7 @@ class RetryPolicy:
 class ResumableSession:
     def __init__(
         self,
-        client: TargetClient,
+        client: TargetTransport,
         prompt_ids: list[int],
         fingerprint: str,
         strategy: str,
@@ -59,7 +59,7 @@ class ResumableSession:
         self.context = list(prompt_ids)  # committed tokens; after opening, its last one is the pending token
         self.resumes = 0
         self.session = self._retrying(
-            lambda: self.client.open_session(prompt_ids, fingerprint, strategy, sampling)
+            lambda: self.client.open_session(self._open_request(prompt_ids))
         )
         self.first_token_id = self.session.first_token_id
         self.context.append(self.first_token_id)
@@ -74,14 +74,21 @@ class ResumableSession:
     def close(self) -> None:
         self.session.close()
 
+    def _open_request(
+        self, prompt_ids: list[int], resume_pending_token_id: int | None = None
+    ) -> target_pb2.OpenSessionRequest:
+        return target_pb2.OpenSessionRequest(
+            prompt_token_ids=prompt_ids,
+            tokenizer_fingerprint=self.fingerprint,
+            strategy=self.strategy,
+            sampling=self.sampling,
+            resume_pending_token_id=resume_pending_token_id,
+        )
+
     def _reopen(self) -> None:
         old = self.session
         self.session = self.client.open_session(
-            self.context[:-1],
-            self.fingerprint,
-            self.strategy,
-            self.sampling,
-            resume_pending_token_id=self.context[-1],
+            self._open_request(self.context[:-1], resume_pending_token_id=self.context[-1])
         )
         self.resumes += 1
         log.warning("target session resumed (%d committed tokens re-prefilled)", len(self.context) - 1)

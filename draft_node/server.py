@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry
 from draft_node.config import DraftConfig
 from draft_node.engine import DraftEngine
 from draft_node.metrics import DraftMetrics
-from draft_node.modal_client import ModalTargetClient
+from draft_node.modal_client import ModalTargetClient, TargetTransport
 from draft_node.openai_api import HttpServer, create_app
 from draft_node.proposers import load_drafter
 from draft_node.servicer import DraftServicer
@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 SERVICE_NAME = draft_pb2.DESCRIPTOR.services_by_name["DraftService"].full_name
 
 
-def connect_target(config: DraftConfig) -> TargetClient | ModalTargetClient:
+def connect_target(config: DraftConfig) -> TargetTransport:
     """`modal://app/Class` for a Modal deployment, else a gRPC address (`grpc://` optional)."""
     if config.target.startswith("modal://"):
         return ModalTargetClient(config.target)

@@ -157,21 +157,7 @@ class TargetClient:
             )
         )
 
-    def open_session(
-        self,
-        prompt_token_ids: list[int],
-        tokenizer_fingerprint: str,
-        strategy: str = "",
-        sampling: target_pb2.SamplingParams | None = None,
-        resume_pending_token_id: int | None = None,
-    ) -> TargetSession:
-        request = target_pb2.OpenSessionRequest(
-            resume_pending_token_id=resume_pending_token_id,
-            prompt_token_ids=prompt_token_ids,
-            tokenizer_fingerprint=tokenizer_fingerprint,
-            strategy=strategy,
-            sampling=sampling or target_pb2.SamplingParams(),
-        )
+    def open_session(self, request: target_pb2.OpenSessionRequest) -> TargetSession:
         opened = self.run(
             lambda: self.stub.OpenSession(request, timeout=self.unary_timeout_s, metadata=self.metadata)
         )

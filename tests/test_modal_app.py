@@ -125,7 +125,9 @@ def test_modal_errors_keep_their_status_and_transient_ones_are_retried(container
     client = ModalTargetClient("modal://specwire-target/Target", caller=flaky)
     info = client.info()
     with pytest.raises(grpc.RpcError) as err:
-        client.open_session([1, 2], info.tokenizer_fingerprint)
+        client.open_session(
+            target_pb2.OpenSessionRequest(prompt_token_ids=[1, 2], tokenizer_fingerprint=info.tokenizer_fingerprint)
+        )
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     from draft_node.resumable_session import ResumableSession, RetryPolicy
 

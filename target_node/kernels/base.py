@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, replace
 from functools import partial
 from typing import Protocol
@@ -126,7 +127,8 @@ class LaunchedKernels(ABC):
         result = GreedyVerifyResult(
             new((batch, rows)), new(trees.parents.shape, dtype=torch.int8), new(batch), new(batch)
         )
-        self._launch_greedy(logits, _contiguous(trees), result)
+        with on_device(logits.device):
+            self._launch_greedy(logits, _contiguous(trees), result)
         return replace(result, node_accepted=result.node_accepted.bool())
 
     def tree_rejection_sample(
@@ -141,15 +143,16 @@ class LaunchedKernels(ABC):
         residual = torch.empty((probs.shape[0], probs.shape[2]), dtype=torch.float32, device=probs.device)
         new = partial(torch.empty, probs.shape[0], dtype=torch.int32, device=probs.device)
         result = RejectionResult(new(), new(), new())
-        self._launch_rejection(
-            probs,
-            _contiguous(trees),
-            DraftQ(draft_q.tokens.contiguous(), draft_q.probs.float().contiguous()),
-            accept_uniforms.float().contiguous(),
-            sample_uniforms.float().contiguous(),
-            residual,
-            result,
-        )
+        with on_device(probs.device):
+            self._launch_rejection(
+                probs,
+                _contiguous(trees),
+                DraftQ(draft_q.tokens.contiguous(), draft_q.probs.float().contiguous()),
+                accept_uniforms.float().contiguous(),
+                sample_uniforms.float().contiguous(),
+                residual,
+                result,
+            )
         return result
 
     def compact_kv(self, tensors: Sequence[torch.Tensor], src: torch.Tensor, dst_start: int) -> None:
@@ -159,7 +162,8 @@ class LaunchedKernels(ABC):
         if any(t.shape != first.shape or t.dtype != first.dtype or not t.is_contiguous() for t in tensors):
             raise ValueError("compact_kv needs contiguous KV tensors of one shape and dtype")
         table = torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64, device=first.device)
-        self._launch_compact(table, first, src.to(first.device, torch.int32).contiguous(), dst_start)
+        with on_device(first.device):
+            self._launch_compact(table, first, src.to(first.device, torch.int32).contiguous(), dst_start)
 
     @abstractmethod
     def _launch_greedy(self, logits: torch.Tensor, trees: TreeBatch, out: GreedyVerifyResult) -> None: ...
@@ -179,6 +183,11 @@ class LaunchedKernels(ABC):
     @abstractmethod
     def _launch_compact(self, table: torch.Tensor, like: torch.Tensor, src: torch.Tensor, dst_start: int) -> None:
         """`table`: data pointers of tensors shaped and typed like `like`."""
+
+
+def on_device(device: torch.device) -> AbstractContextManager:
+    """Make `device` current for a launch (kernels start on the current CUDA device and stream)."""
+    return torch.cuda.device(device) if device.type == "cuda" else nullcontext()
 
 
 def _contiguous(trees: TreeBatch) -> TreeBatch:

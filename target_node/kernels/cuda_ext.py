@@ -7,7 +7,6 @@ unchanged one is loaded from torch's extension cache.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
 from pathlib import Path
 from types import ModuleType
 
@@ -49,26 +48,6 @@ class CudaKernels(LaunchedKernels):
 
     def __init__(self) -> None:
         self.ext = build_extension()
-
-    def tree_greedy_verify(self, logits: torch.Tensor, trees: TreeBatch) -> GreedyVerifyResult:
-        with torch.cuda.device(logits.device):
-            return super().tree_greedy_verify(logits, trees)
-
-    def tree_rejection_sample(
-        self,
-        probs: torch.Tensor,
-        trees: TreeBatch,
-        draft_q: DraftQ,
-        accept_uniforms: torch.Tensor,
-        sample_uniforms: torch.Tensor,
-    ) -> RejectionResult:
-        with torch.cuda.device(probs.device):
-            return super().tree_rejection_sample(probs, trees, draft_q, accept_uniforms, sample_uniforms)
-
-    def compact_kv(self, tensors: Sequence[torch.Tensor], src: torch.Tensor, dst_start: int) -> None:
-        if tensors:
-            with torch.cuda.device(tensors[0].device):
-                super().compact_kv(tensors, src, dst_start)
 
     def _launch_greedy(self, logits: torch.Tensor, trees: TreeBatch, out: GreedyVerifyResult) -> None:
         self.ext.tree_greedy_verify(

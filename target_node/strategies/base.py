@@ -55,6 +55,10 @@ class Strategy(ABC):
         self.sampling = sampling
         self.params = params
         self.kernels = kernels or TorchKernels()
+        self.configure(params)
+
+    def configure(self, params: target_pb2.StrategyParams) -> None:  # noqa: B027 - optional hook
+        """Read and check this strategy's own parameters (raise InvalidArgument)."""
 
     def first_token(self, logits: torch.Tensor, generator: torch.Generator) -> int:
         """The target's token after the prompt (`logits`: the last prompt position)."""

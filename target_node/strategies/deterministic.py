@@ -11,7 +11,7 @@ import torch
 from services.candidate_tree import CandidateTree
 from services.errors import InvalidArgument
 from services.rpc.specwire.v1 import target_pb2
-from target_node.kernels import VerifyKernels, pack_trees
+from target_node.kernels import pack_trees
 from target_node.strategies.base import Decision, Strategy, decision_for
 
 
@@ -19,17 +19,11 @@ class DeterministicStrategy(Strategy):
     name = "deterministic"
     lossless = True
 
-    def __init__(
-        self,
-        sampling: target_pb2.SamplingParams,
-        params: target_pb2.StrategyParams,
-        kernels: VerifyKernels | None = None,
-    ) -> None:
-        if sampling.temperature != 0:
+    def configure(self, params: target_pb2.StrategyParams) -> None:
+        if self.sampling.temperature != 0:
             raise InvalidArgument(
-                f"strategy 'deterministic' is greedy and needs temperature 0, got {sampling.temperature}"
+                f"strategy 'deterministic' is greedy and needs temperature 0, got {self.sampling.temperature}"
             )
-        super().__init__(sampling, params, kernels)
 
     def evaluate_posterior(
         self, logits: torch.Tensor, tree: CandidateTree, generator: torch.Generator

@@ -9,7 +9,6 @@ import torch
 
 from services.errors import InvalidArgument
 from services.rpc.specwire.v1 import target_pb2
-from target_node.kernels import VerifyKernels
 from target_node.strategies.base import NodewiseStrategy
 
 
@@ -21,13 +20,7 @@ class ThresholdStrategy(NodewiseStrategy):
     name = "threshold"
     lossless = False
 
-    def __init__(
-        self,
-        sampling: target_pb2.SamplingParams,
-        params: target_pb2.StrategyParams,
-        kernels: VerifyKernels | None = None,
-    ) -> None:
-        super().__init__(sampling, params, kernels)
+    def configure(self, params: target_pb2.StrategyParams) -> None:
         self.threshold = params.threshold or 0.09
         if not 0 < self.threshold <= 1:
             raise InvalidArgument(f"threshold must be in (0, 1], got {self.threshold}")
@@ -43,13 +36,7 @@ class TypicalStrategy(NodewiseStrategy):
     name = "typical"
     lossless = False
 
-    def __init__(
-        self,
-        sampling: target_pb2.SamplingParams,
-        params: target_pb2.StrategyParams,
-        kernels: VerifyKernels | None = None,
-    ) -> None:
-        super().__init__(sampling, params, kernels)
+    def configure(self, params: target_pb2.StrategyParams) -> None:
         self.epsilon = params.epsilon or 0.09
         self.alpha = params.alpha or 0.3
         if not 0 < self.epsilon <= 1 or not 0 < self.alpha:
@@ -68,13 +55,7 @@ class TopKStrategy(NodewiseStrategy):
     name = "topk"
     lossless = False
 
-    def __init__(
-        self,
-        sampling: target_pb2.SamplingParams,
-        params: target_pb2.StrategyParams,
-        kernels: VerifyKernels | None = None,
-    ) -> None:
-        super().__init__(sampling, params, kernels)
+    def configure(self, params: target_pb2.StrategyParams) -> None:
         self.k = params.top_k or 3
 
     def accept(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
