@@ -69,15 +69,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def run(
-    name: str, runner: object, samples: list[Sample], prompts: dict[str, str], args: argparse.Namespace
+    name: str, runner: object, workers: int, samples: list[Sample], prompts: dict[str, str], warmup: int
 ) -> list[Generation]:
-    """Warm up, then generate every sample (specwire runners `--concurrency` at a time)."""
+    """Warm up, then generate every sample, `workers` at a time."""
     timed_settings = runner.settings
     runner.settings = replace(timed_settings, max_tokens=min(8, timed_settings.max_tokens))
-    for sample in samples[: args.warmup]:
+    for sample in samples[:warmup]:
         runner.generate(sample.sample_id, prompts[sample.sample_id])
     runner.settings = timed_settings
-    workers = args.concurrency if name.startswith("specwire") else 1
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(samples), desc=name, file=sys.stderr) as bar:
         futures = [pool.submit(runner.generate, s.sample_id, prompts[s.sample_id]) for s in samples]
         generations = []
@@ -137,21 +136,25 @@ def main(argv: list[str] | None = None) -> dict:
     def settings(k: int = 0) -> Settings:
         return Settings(args.max_tokens, args.temperature, args.strategy, k, args.seed)
 
-    runs: list[tuple[str, object]] = []
+    runs: list[
+        tuple[str, object, int]
+    ] = []  # (name, runner, concurrent requests); HF generate: one at a time
     if not args.no_baseline:
-        runs.append(("target-alone", HFRunner(target, settings(), eos)))
+        runs.append(("target-alone", HFRunner(target, settings(), eos), 1))
     if not args.no_assisted:
-        runs += [(f"hf-assisted K={k}", HFRunner(target, settings(k), eos, assistant=draft)) for k in args.k]
+        runs += [
+            (f"hf-assisted K={k}", HFRunner(target, settings(k), eos, assistant=draft), 1) for k in args.k
+        ]
     for k in [*args.k, *([0] if args.adaptive else [])]:
         name = f"specwire K={k}" if k else "specwire adaptive"
         if args.openai:
-            runs.append((name, SpecwireOpenAIRunner(args.openai, settings(k), tokenizer)))
+            runs.append((name, SpecwireOpenAIRunner(args.openai, settings(k), tokenizer), args.concurrency))
         else:
-            runs.append((name, SpecwireGrpcRunner(args.draft, settings(k))))
+            runs.append((name, SpecwireGrpcRunner(args.draft, settings(k)), args.concurrency))
     results: dict[str, list[Generation]] = {}
     try:
-        for name, runner in runs:
-            results[name] = run(name, runner, samples, prompts, args)
+        for name, runner, workers in runs:
+            results[name] = run(name, runner, workers, samples, prompts, args.warmup)
     finally:
         for server in servers:
             server.stop(0)

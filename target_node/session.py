@@ -91,9 +91,8 @@ class SessionStore:
             if session is None or session.owner != owner:
                 return False
             del self._sessions[session_id]
-        if session is not None:
-            self._on_remove(session, "closed")
-        return session is not None
+        self._on_remove(session, "closed")
+        return True
 
     def evict_over_budget(self, keep: Session | None = None) -> list[str]:
         """Evict least recently used sessions (never `keep`, never one mid-round) until their KV
@@ -103,13 +102,14 @@ class SessionStore:
         evicted = []
         with self._lock:
             by_age = sorted(self._sessions.values(), key=lambda session: session.last_used)
-            total = sum(self.size_of(session) for session in by_age)
-            for session in by_age:
+            sizes = [self.size_of(session) for session in by_age]
+            total = sum(sizes)
+            for session, size in zip(by_age, sizes, strict=True):
                 if total <= self.budget_bytes:
                     break
                 if session is keep or session.lock.locked():
                     continue
-                total -= self.size_of(session)
+                total -= size
                 del self._sessions[session.session_id]
                 evicted.append(session)
         for session in evicted:
