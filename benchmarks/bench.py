@@ -5,9 +5,12 @@ generation on the same pair, in one run on one machine.
     python -m benchmarks.bench --draft 127.0.0.1:50052 ...                      # a running draft node
     python -m benchmarks.bench --openai http://127.0.0.1:8000 ...               # its OpenAI API
 
-Without --draft/--openai a target and a draft node are started in this process on loopback (the
-baselines reuse their loaded models). Runs go one after another, never concurrently with each
-other. Writes report.json, report.md, speedup.png and acceptance_by_position.png to --out-dir.
+Without --draft/--openai, a `specwire target` and a `specwire draft` process are started on
+loopback as users run them (draft_node.local_pair) and driven over gRPC. The baselines run in this
+process with the same models and linear kernels (`--small-row-linear`) the nodes use: the target
+alone (HF generate) and HF assisted generation (the same draft, same precision and weights). Runs
+go one after another, never concurrently with each other. Writes report.json, report.md,
+speedup.png and acceptance_by_position.png to --out-dir.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import replace
 from pathlib import Path
 
@@ -31,11 +35,10 @@ from benchmarks.bench_quality import is_correct
 from benchmarks.bench_report import markdown_table, plot, summarize
 from benchmarks.bench_runners import Generation, HFRunner, Settings, SpecwireGrpcRunner, SpecwireOpenAIRunner
 from draft_node.config import DraftConfig
+from draft_node.local_pair import local_pair
 from draft_node.proposers import eos_token_ids
-from draft_node.server import start_draft
 from services.model_loading import load_model
-from target_node.config import TargetConfig
-from target_node.server import start_target
+from services.small_row_linear import small_row_setting, use_small_row_linears
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -58,6 +61,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draft-model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--draft", help="drive this running draft node (gRPC host:port)")
     parser.add_argument("--openai", help="drive this running draft node's OpenAI API (base URL)")
+    parser.add_argument("--draft-dtype", default=DraftConfig.model_fields["dtype"].default)
+    parser.add_argument("--draft-weights", default=DraftConfig.model_fields["weights"].default)
+    parser.add_argument("--small-row-linear", default="auto", help="linear kernels of nodes and baselines")
+    parser.add_argument(
+        "--pipeline", action=argparse.BooleanOptionalAction, help="draft node pipelining (default: the node's)"
+    )
     parser.add_argument("--no-baseline", action="store_true", help="skip the target-alone run")
     parser.add_argument("--no-assisted", action="store_true", help="skip HF assisted generation")
     parser.add_argument(
@@ -112,26 +121,24 @@ def main(argv: list[str] | None = None) -> dict:
         for s in samples
     }
     eos = sorted(eos_token_ids(tokenizer, target.model.generation_config))
+    small_rows = small_row_setting(args.small_row_linear)
+    use_small_row_linears(target.model, small_rows)  # the target alone runs the node's kernels
     local = not (args.draft or args.openai)
-    draft = load_model(args.draft_model) if local or not args.no_assisted else None
-    servers = []
+    draft = None
+    if not args.no_assisted:
+        draft = load_model(args.draft_model, args.draft_dtype)
+        use_small_row_linears(draft.model, small_rows, int8=args.draft_weights == "int8")
+    stack = ExitStack()
     if local:
-        target_server = start_target(TargetConfig(model=target.model_id, port=0, metrics_port=-1), target)
-        draft_server = start_draft(
-            DraftConfig(
-                model=draft.model_id,
-                target=f"127.0.0.1:{target_server.port}",
-                port=0,
-                metrics_port=-1,
-                http_port=-1,
-                proposer=args.proposer,
-                num_candidates=args.num_candidates,
-                adaptive=args.adaptive,
-            ),
-            draft,
-        )
-        servers = [draft_server, target_server]
-        args.draft = f"127.0.0.1:{draft_server.port}"
+        draft_args = [
+            "--model", args.draft_model, "--proposer", args.proposer, "--num-candidates", str(args.num_candidates),
+            "--dtype", args.draft_dtype, "--weights", args.draft_weights, "--small-row-linear", args.small_row_linear,
+            "--adaptive" if args.adaptive else "--no-adaptive",
+            *([] if args.pipeline is None else ["--pipeline" if args.pipeline else "--no-pipeline"]),
+        ]  # fmt: skip
+        target_args = ["--model", args.target_model, "--small-row-linear", args.small_row_linear]
+        pair = stack.enter_context(local_pair(target_args, draft_args, logs=args.out_dir / "logs"))
+        args.draft = pair.draft
 
     def settings(k: int = 0) -> Settings:
         return Settings(args.max_tokens, args.temperature, args.strategy, k, args.seed)
@@ -152,12 +159,9 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             runs.append((name, SpecwireGrpcRunner(args.draft, settings(k)), args.concurrency))
     results: dict[str, list[Generation]] = {}
-    try:
+    with stack:  # the node processes (if started here) stop when the runs are done
         for name, runner, workers in runs:
             results[name] = run(name, runner, workers, samples, prompts, args.warmup)
-    finally:
-        for server in servers:
-            server.stop(0)
     correct = {
         name: {g.sample_id: is_correct(by_id[g.sample_id], g.text) for g in gens}
         for name, gens in results.items()

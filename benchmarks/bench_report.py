@@ -38,6 +38,8 @@ def summarize(
     tokens = sum(len(g.token_ids) for g in generations)
     seconds = sum(g.seconds for g in generations)
     rounds = [r for g in generations for r in g.rounds]
+    # time of a generation inside none of its rounds, after its first token (detokenizing, waiting)
+    idle = sum(max(0.0, g.seconds - g.ttft_s - sum(r["round_s"] for r in g.rounds)) for g in generations)
     summary: dict = {
         "name": name,
         "requests": len(generations),
@@ -60,10 +62,11 @@ def summarize(
             "mean_acceptance_length": round(1 + accepted / len(rounds), 3),
             "acceptance_by_position": [round(a, 4) for a in acceptance_by_position(rounds)],
             "round_s_mean": round(round_s, 4),
-            "round_breakdown_s": {
-                "draft": round(draft_s, 4),
-                "verify": round(verify_s, 4),
-                "network_and_other": round(round_s - draft_s - verify_s, 4),
+            "round_breakdown_s": {  # mean per round
+                "draft": round(draft_s, 4),  # drafting before the verify was sent (0 on a pipeline hit)
+                "network": round(round_s - draft_s - verify_s, 4),  # wire, (de)serialising, queueing
+                "verify": round(verify_s, 4),  # the target's forward + decision
+                "idle": round(idle / len(rounds), 4),  # between rounds
             },
         }
     for dataset in sorted({s.dataset for s in samples.values()}):

@@ -1,6 +1,7 @@
-"""Baseline: the target model alone (HF `generate`, greedy) on the demo's prompt.
+"""Baseline: the target model alone (HF `generate`, greedy) on the demo's prompt, with the same
+linear kernels the target node uses (`--small-row-linear`, as on `specwire target`).
 
-python benchmarks/target_alone.py --max-tokens 96
+python benchmarks/target_alone.py --max-tokens 128
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import torch
 
 from draft_node.cli import DEMO_PROMPT
 from services.model_loading import load_model
+from services.small_row_linear import small_row_setting, use_small_row_linears
 
 
 def main() -> None:
@@ -21,9 +23,11 @@ def main() -> None:
     )
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--prompt", default=DEMO_PROMPT)
-    parser.add_argument("--max-tokens", type=int, default=96)
+    parser.add_argument("--max-tokens", type=int, default=128)
+    parser.add_argument("--small-row-linear", default="auto", help="as on `specwire target` (0: stock)")
     args = parser.parse_args()
     loaded = load_model(args.model)
+    small_rows = use_small_row_linears(loaded.model, small_row_setting(args.small_row_linear))
     ids = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": args.prompt}],
         add_generation_prompt=True,
@@ -47,6 +51,7 @@ def main() -> None:
                 "seconds": round(seconds, 3),
                 "tokens_per_s": round(tokens / seconds, 3),
                 "torch_threads": torch.get_num_threads(),
+                "small_row_linear": small_rows,
             }
         )
     )

@@ -16,17 +16,24 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from draft_node.config import DraftConfig
-from draft_node.server import start_draft
+from draft_node.local_pair import local_pair
+from services.config import NodeConfig
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
 from services.security import auth_metadata, channel_credentials
 from target_node.config import TargetConfig
-from target_node.server import start_target
 
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
 
 
 def _setup_logging(level: str) -> None:
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _use_threads(config: NodeConfig) -> None:
+    if config.threads:
+        import torch
+
+        torch.set_num_threads(config.threads)
 
 
 def _serve_until_signal(stop: Callable[[], None]) -> None:
@@ -139,25 +146,35 @@ def main(argv: Sequence[str] | None = None) -> int:
     check.add_argument("address", help="host:port")
     check.add_argument("--timeout", type=float, default=3.0)
     check.add_argument("--tls-ca", type=Path, help="the node serves TLS: trust this CA (PEM)")
-    demo = sub.add_parser("demo", help="start a target and a draft on loopback and generate")
+    demo = sub.add_parser(
+        "demo", help="start a target and a draft node (two processes) on loopback and generate"
+    )
     demo.add_argument("prompt", nargs="?", default=DEMO_PROMPT)
     demo.add_argument("--target-model", default=TargetConfig.model_fields["model"].default)
     demo.add_argument("--draft-model", default=DraftConfig.model_fields["model"].default)
     demo.add_argument(
-        "--no-pipeline", dest="pipeline", action="store_false", help="draft only after each verify"
+        "--pipeline",
+        action=argparse.BooleanOptionalAction,
+        help="draft the next round during each verify (default: the draft node's, off)",
     )
     demo.add_argument("--adaptive", action="store_true", help="choose K/N from measured goodput")
     _generate_args(demo)
 
     args, rest = parser.parse_known_args(argv)
     if args.command == "target":
+        from target_node.server import start_target
+
         config = TargetConfig.from_cli(rest, "specwire target")
         _setup_logging(config.log_level)
+        _use_threads(config)
         running = start_target(config)
         _serve_until_signal(running.stop)
     elif args.command == "draft":
+        from draft_node.server import start_draft
+
         config = DraftConfig.from_cli(rest, "specwire draft")
         _setup_logging(config.log_level)
+        _use_threads(config)
         running = start_draft(config)
         _serve_until_signal(running.stop)
     elif rest:
@@ -169,27 +186,16 @@ def main(argv: Sequence[str] | None = None) -> int:
             stub = draft_pb2_grpc.DraftServiceStub(channel)
             _print_summary(stream_generate(stub, _request(args.prompt, args), auth_metadata(args.api_key)))
     else:
-        _setup_logging("INFO")
-        target = start_target(TargetConfig(model=args.target_model, port=0, metrics_port=0))
-        draft = start_draft(
-            DraftConfig(
-                model=args.draft_model,
-                port=0,
-                metrics_port=0,
-                http_port=-1,
-                target=f"127.0.0.1:{target.port}",
-                pipeline=args.pipeline,
-                adaptive=args.adaptive,
-            )
-        )
-        try:
-            with grpc.insecure_channel(f"127.0.0.1:{draft.port}") as channel:
+        draft_args = ["--model", args.draft_model]
+        if args.pipeline is not None:
+            draft_args.append("--pipeline" if args.pipeline else "--no-pipeline")
+        print("starting a target and a draft node (the first start assembles the weights)...", file=sys.stderr)
+        with local_pair(["--model", args.target_model], [*draft_args, *(["--adaptive"] if args.adaptive else [])]) as pair:
+            print(f"target {pair.target}, draft {pair.draft}; node logs in {pair.logs}", file=sys.stderr)
+            with grpc.insecure_channel(pair.draft) as channel:
                 _print_summary(
                     stream_generate(draft_pb2_grpc.DraftServiceStub(channel), _request(args.prompt, args))
                 )
-        finally:
-            draft.stop()
-            target.stop()
     return 0
 
 

@@ -15,6 +15,17 @@ class DraftConfig(NodeConfig):
     model_config = SettingsConfigDict(env_prefix="SPECWIRE_DRAFT_")
 
     model: str = Field("qwen2.5-coder-0.5b-instruct", description="draft model")
+    dtype: str = Field(
+        "float32",
+        description="float32 | bfloat16 | float16: the draft's precision changes acceptance, never the output "
+        "(on a CPU without bf16 instructions a bfloat16 prefill is ~7x slower than float32; decode steps "
+        "read --weights)",
+    )
+    weights: Literal["model", "int8"] = Field(
+        "int8",
+        description="hf proposer on a CPU: weights its decode steps read: the model's (--dtype), or a "
+        "weight-only int8 copy (per-row scales; half of bfloat16's bytes; changes acceptance, never the output)",
+    )
     port: int = Field(50052, description="gRPC port of the DraftService (0: pick a free one)")
     metrics_port: int = Field(
         9102, ge=-1, description="Prometheus /metrics port (0: pick a free one, -1: off)"
@@ -45,7 +56,11 @@ class DraftConfig(NodeConfig):
     )
     ngram_min: int = Field(1, ge=1, description="ngram: shortest suffix to look up")
     ngram_max: int = Field(4, ge=1, description="ngram: longest suffix to look up")
-    pipeline: bool = Field(True, description="draft the next round while the current one is verified")
+    pipeline: bool = Field(
+        False,
+        description="draft the next round while the current one is verified (pays when draft and target do "
+        "not share cores; on one CPU machine they slow each other, so off by default)",
+    )
     adaptive: bool = Field(False, description="choose K and N each round from measured goodput (else fixed)")
     k_max: int = Field(8, ge=1, le=32, description="adaptive: largest K tried")
     num_speculative_tokens: int = Field(3, ge=0, le=32, description="K: draft tokens per round")

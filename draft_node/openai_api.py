@@ -8,14 +8,14 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field
 
 from draft_node.engine import DraftEngine
 from services.errors import InvalidArgument, NotFound, SpecwireError, rpc_status
@@ -34,14 +34,29 @@ HTTP_STATUS = {
 }
 
 
+INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # the protobuf fields these numbers travel in
+
+
+def _utf8(text: str) -> str:
+    """JSON can carry lone surrogates ("\\ud800") that no tokenizer or protobuf string takes."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ValueError(f"text is not valid Unicode (a lone surrogate at index {exc.start})") from exc
+    return text
+
+
+Text = Annotated[str, AfterValidator(_utf8)]
+
+
 class SamplingFields(BaseModel):
     model: str | None = None
-    max_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1, le=INT32_MAX)  # the node's own limit is checked after
     temperature: float = Field(1.0, ge=0, le=2)
     top_p: float = Field(1.0, gt=0, le=1)
-    top_k: int = Field(0, ge=0)  # extension (vLLM accepts it too); 0 = off
-    stop: str | list[str] | None = None
-    seed: int | None = Field(None, ge=0)
+    top_k: int = Field(0, ge=0, le=INT32_MAX)  # extension (vLLM accepts it too); 0 = off
+    stop: Text | list[Text] | None = None
+    seed: int | None = Field(None, ge=0, le=INT64_MAX)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request
 
@@ -61,12 +76,12 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: str | list[str]
+    prompt: Text | list[Text]
 
 
 class ChatMessage(BaseModel):
     role: Literal["system", "user", "assistant", "tool", "developer"]
-    content: str
+    content: Text
 
 
 class ChatCompletionRequest(SamplingFields):

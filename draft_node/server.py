@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import grpc
 from prometheus_client import CollectorRegistry
 
 from draft_node.config import DraftConfig
@@ -14,6 +15,7 @@ from draft_node.openai_api import HttpServer, create_app
 from draft_node.proposers import load_drafter
 from draft_node.servicer import DraftServicer
 from draft_node.target_client import TargetClient
+from services.errors import FailedPrecondition
 from services.grpc_server import RunningServer, start_node
 from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
@@ -30,12 +32,29 @@ def connect_target(config: DraftConfig) -> TargetTransport:
     return TargetClient.from_config(config)
 
 
+def check_target(engine: DraftEngine) -> None:
+    """Refuse a target with another tokenizer before serving anything (FailedPrecondition); a target
+    that is not up yet is checked again at the first request."""
+    try:
+        engine.target_info()
+    except FailedPrecondition:
+        raise
+    except (grpc.RpcError, OSError, RuntimeError) as exc:
+        log.warning("target %s not reachable at start-up (%s); checked at the first request", engine.config.target, exc)
+
+
 def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> RunningServer[DraftEngine]:
-    """Load the draft model (unless given), connect to the target and start serving."""
+    """Load the draft model (unless given), check the target's tokenizer, and start serving."""
     drafter = load_drafter(config, loaded)
     target = connect_target(config)
     metrics = DraftMetrics(CollectorRegistry())
     engine = DraftEngine(drafter, target, config, metrics)
+    try:
+        check_target(engine)
+    except FailedPrecondition:
+        target.close()
+        drafter.stop()
+        raise
     http = (
         HttpServer(
             create_app(engine, config.served_model_name, read_api_keys(config.api_keys_file)),

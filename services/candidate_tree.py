@@ -118,8 +118,11 @@ class CandidateTree:
                 raise InvalidArgument(f"node {i}: draft q has a token id outside the vocabulary")
             if any(not math.isfinite(p) or p < 0 for p in q.probs):
                 raise InvalidArgument(f"node {i}: draft q has a negative or non-finite probability")
-            if sum(q.probs) > 1 + 1e-3:
-                raise InvalidArgument(f"node {i}: draft q sums to {sum(q.probs):.6f} > 1")
+            if abs(sum(q.probs) - 1) > 1e-3:  # a truncated q biases rejection sampling: it must be whole
+                raise InvalidArgument(
+                    f"node {i}: draft q sums to {sum(q.probs):.6f}; send the whole distribution the token was "
+                    "drawn from (a top-k/top-p truncated q renormalised over its support)"
+                )
 
     def to_proto(self) -> target_pb2.CandidateTree:
         return target_pb2.CandidateTree(

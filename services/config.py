@@ -24,6 +24,15 @@ class NodeConfig(BaseSettings):
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where assembled/dequantized weights are cached")
     metrics_port: int = Field(description="Prometheus /metrics port (0: pick a free one, -1: off)", ge=-1)
     workers: int = Field(16, ge=1, description="gRPC server threads (concurrent calls)")
+    threads: int = Field(
+        0, ge=0, description="torch compute threads of a node process (0: torch's default, one per core)"
+    )
+    small_row_linear: str = Field(
+        "auto",
+        pattern=r"^(auto|\d+)$",
+        description="CPU: weight-stationary linears up to this many rows per forward (auto: measured at "
+        "start-up; 0: off, stock F.linear)",
+    )
     log_level: str = Field("INFO", description="python logging level")
     tls_cert: Path | None = Field(None, description="serve gRPC over TLS with this certificate (PEM)")
     tls_key: Path | None = Field(None, description="private key of --tls-cert (PEM)")

@@ -36,7 +36,8 @@ class Session:
     next_round: int = 0
     owner: str = ANONYMOUS  # caller identity that opened it (services.security.caller_identity)
     last_used: float = field(default_factory=time.monotonic)
-    lock: threading.Lock = field(default_factory=threading.Lock)
+    lock: threading.Lock = field(default_factory=threading.Lock)  # held for a round, and to close it
+    closed: bool = False  # removed from the store (closed, expired, evicted): its rounds read NOT_FOUND
 
     @property
     def context_length(self) -> int:
@@ -91,8 +92,14 @@ class SessionStore:
             if session is None or session.owner != owner:
                 return False
             del self._sessions[session_id]
-        self._on_remove(session, "closed")
+        self._close(session, "closed")
         return True
+
+    def _close(self, session: Session, reason: str) -> None:
+        """Release a session taken out of the store, after any round in flight on it (its lock)."""
+        with session.lock:
+            session.closed = True
+            self._on_remove(session, reason)
 
     def evict_over_budget(self, keep: Session | None = None) -> list[str]:
         """Evict least recently used sessions (never `keep`, never one mid-round) until their KV
@@ -113,7 +120,7 @@ class SessionStore:
                 del self._sessions[session.session_id]
                 evicted.append(session)
         for session in evicted:
-            self._on_remove(session, "evicted")
+            self._close(session, "evicted")
             log.info("session %s evicted: KV memory over the %d-byte budget", session.session_id, self.budget_bytes)
         return [session.session_id for session in evicted]
 
@@ -133,7 +140,7 @@ class SessionStore:
             for session in expired:
                 del self._sessions[session.session_id]
         for session in expired:
-            self._on_remove(session, "ttl")
+            self._close(session, "ttl")
             log.info("session %s expired after %.0fs idle", session.session_id, self.ttl_s)
         return [session.session_id for session in expired]
 
@@ -152,4 +159,4 @@ class SessionStore:
         with self._lock:
             sessions, self._sessions = list(self._sessions.values()), {}
         for session in sessions:
-            self._on_remove(session, "shutdown")
+            self._close(session, "shutdown")

@@ -146,6 +146,8 @@ class Verifier:
     def verify(self, request: target_pb2.VerifyRequest, owner: str = ANONYMOUS) -> target_pb2.VerifyResponse:
         session = self.sessions.get(request.session_id, owner)
         with session.lock:
+            if session.closed:  # closed, expired or evicted after `get` found it
+                raise NotFound(f"unknown or expired session {request.session_id!r}")
             if request.round_id != session.next_round:
                 raise FailedPrecondition(
                     f"session {request.session_id}: expected round {session.next_round}, got {request.round_id}"

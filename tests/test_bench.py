@@ -66,12 +66,16 @@ def test_a_whole_run_on_tiny_models(tiny, tmp_path):
     )  # fmt: skip
     names = [s["name"] for s in report["summaries"]]
     assert names == ["target-alone", "hf-assisted K=2", "hf-assisted K=4", "specwire K=2", "specwire K=4"]
+    baseline = report["summaries"][0]
     for summary in report["summaries"][1:]:
         assert summary["identical_to_baseline"] == 4  # greedy: every run reproduces the target alone
-        assert summary["speedup"] > 0
+        assert summary["speedup"] == pytest.approx(summary["tokens_per_s"] / baseline["tokens_per_s"], rel=1e-2)
     spec = report["summaries"][-1]
     assert 0 < spec["acceptance_rate"] <= 1 and len(spec["acceptance_by_position"]) == 4
-    assert set(spec["round_breakdown_s"]) == {"draft", "verify", "network_and_other"}
+    phases = spec["round_breakdown_s"]
+    assert set(phases) == {"draft", "network", "verify", "idle"} and min(phases.values()) >= 0
+    assert phases["draft"] + phases["network"] + phases["verify"] == pytest.approx(spec["round_s_mean"], abs=2e-3)
+    assert (out / "logs" / "target.log").exists()  # the nodes ran as their own processes
     assert json.loads((out / "report.json").read_text())["summaries"] == report["summaries"]
     assert "| specwire K=4 |" in (out / "report.md").read_text()
     for plot in ("speedup.png", "acceptance_by_position.png"):

@@ -35,6 +35,7 @@ def test_proto_round_trip():
         (CandidateTree([ROOT], [1], [SparseProbs([1], [-0.1])]), "negative"),
         (CandidateTree([ROOT], [1], [SparseProbs([1], [math.nan])]), "non-finite"),
         (CandidateTree([ROOT], [1], [SparseProbs([1, 2], [0.8, 0.7])]), "sums to"),
+        (CandidateTree([ROOT], [1], [SparseProbs([1, 2], [0.5, 0.3])]), "sums to 0.8"),  # truncated q: biased
         (CandidateTree([ROOT], [1], [SparseProbs([100], [1.0])]), "outside the vocabulary"),
     ],
 )

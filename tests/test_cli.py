@@ -82,7 +82,8 @@ def test_demo_runs_a_pair_on_loopback(tiny):
     assert result.returncode == 0, result.stderr
     stats = summary(result.stderr)
     assert stats["tokens"] == "12" or stats["finish_reason"] == "stop"
-    assert float(stats["acceptance_rate"]) >= 0
+    assert 0 < float(stats["acceptance_rate"]) <= 1  # the noisy draft agrees with the target often
+    assert int(stats["rounds"]) >= 1
 
 
 def test_target_draft_generate_as_separate_processes(tiny):

@@ -103,4 +103,6 @@ def test_concurrent_generations_share_the_controller_safely():
     for thread in threads:
         thread.join()
     assert not errors
-    assert pair.expected_goodput(*controller.current) > 0
+    k, n = controller.current
+    assert 1 <= k <= 8 and 1 <= n <= 3
+    assert share_of_best(pair, controller.current) >= 0.8  # still converged, under concurrent updates

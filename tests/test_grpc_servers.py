@@ -7,7 +7,12 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from draft_node.config import DraftConfig
+from draft_node.server import start_draft
+from services.errors import FailedPrecondition
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
+from target_node.config import TargetConfig
+from target_node.server import start_target
 from tests.helpers import collect
 
 
@@ -89,11 +94,28 @@ def test_generate_bad_parameters_are_invalid_argument(pair_factory, tiny):
     assert len(tokens) == 5
 
 
-def test_mismatched_tokenizer_is_refused(pair_factory, tiny):
-    pair = pair_factory(tiny.other_tokenizer)
-    err = rpc_error(pair.draft_stub.Generate, draft_pb2.GenerateRequest(prompt="hello", max_tokens=4))
-    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "different tokenizers" in err.details()
+def test_mismatched_tokenizer_is_refused_at_start(target_model, tiny):
+    """A draft whose tokenizer differs from the target's never starts serving (nor reports healthy)."""
+    target = start_target(TargetConfig(model="tiny", port=0, metrics_port=-1), target_model)
+    try:
+        config = DraftConfig(
+            model=tiny.other_tokenizer, port=0, metrics_port=-1, http_port=-1, target=f"127.0.0.1:{target.port}"
+        )
+        with pytest.raises(FailedPrecondition, match="different tokenizers"):
+            start_draft(config)
+    finally:
+        target.stop(0)
+
+
+def test_draft_starts_before_its_target(tiny):
+    """A target that is not up yet is no reason to refuse: it is checked at the first request."""
+    from draft_node.local_pair import free_port
+
+    config = DraftConfig(
+        model=tiny.draft_noisy, port=0, metrics_port=-1, http_port=-1, target=f"127.0.0.1:{free_port()}"
+    )
+    draft = start_draft(config)
+    draft.stop(0)
 
 
 @pytest.mark.parametrize("node", ["target", "draft"])

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import httpx
 import openai
 import pytest
@@ -87,14 +89,27 @@ def test_sampling_parameters_and_stop(api):
         {"prompt": ["a", "b"]},
         {"prompt": "hi", "n": 2},
         {"prompt": "hi", "max_tokens": 10**6},
+        {"prompt": "hi", "max_tokens": 10**12},  # past the wire's uint32
+        {"prompt": "hi", "seed": 2**64},
+        {"prompt": "hi", "top_k": 2**40},
+        {"prompt": "\ud800"},  # a lone surrogate
+        {"prompt": "hi", "stop": ["\udfff"]},
         {"max_tokens": 5},
     ],
 )
 def test_bad_parameters_get_400(api, body):
     _, base, _ = api
-    response = httpx.post(base + "/v1/completions", json=body)
+    raw = json.dumps(body)  # json.dumps escapes lone surrogates as JSON allows
+    response = httpx.post(base + "/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
+
+
+def test_lone_surrogate_in_a_chat_message_is_400(api):
+    _, base, _ = api
+    raw = json.dumps({"messages": [{"role": "user", "content": "a\ud800b"}]})
+    response = httpx.post(base + "/v1/chat/completions", content=raw, headers={"content-type": "application/json"})
+    assert response.status_code == 400 and "surrogate" in response.json()["error"]["message"]
 
 
 def test_unknown_model_is_404_and_bad_chat_is_400(api):
@@ -128,3 +143,57 @@ def test_concurrent_requests_share_one_engine(api, target_model):
     for prompt, text in zip(prompts, texts, strict=True):
         expected = target_only_greedy(target_model, target_model.tokenizer.encode(prompt), 16)
         assert text == target_model.tokenizer.decode(expected, skip_special_tokens=True)
+
+
+def _bodies():
+    """Request bodies as a client might send them: known fields with values at and past every
+    bound, wrong types, unicode edge cases (lone surrogates, NUL, astral), token-id prompts."""
+    from hypothesis import strategies as st
+
+    edge_ints = st.sampled_from([-1, 0, 1, 3, 2**31 - 1, 2**31, 2**32, 2**63, 2**64, 10**12])
+    texts = st.one_of(
+        st.text(max_size=12),
+        st.sampled_from(["", "\ud800", "a\udfffb", "\x00", "\U0001f600" * 3, "def f():\n\t" * 2]),
+    )
+    values = st.one_of(
+        st.none(), st.booleans(), edge_ints, st.integers(-3, 6), st.floats(allow_nan=False, allow_infinity=False),
+        st.sampled_from([float("-0.0"), 1e308, -2.0, 2.5, 0.5]), texts,
+        st.lists(texts, max_size=3), st.lists(st.integers(-2, 500), max_size=4),  # token-id prompts
+        st.dictionaries(texts, texts, max_size=2),
+    )  # fmt: skip
+    messages = st.lists(
+        st.fixed_dictionaries({"role": st.sampled_from(["user", "system", "assistant", "cat"]), "content": values}),
+        max_size=3,
+    )
+    sampling = {
+        "max_tokens": st.one_of(st.integers(1, 4), edge_ints, values),
+        "temperature": values, "top_p": values, "top_k": st.one_of(edge_ints, values), "seed": edge_ints,
+        "stop": values, "n": values, "stream": st.one_of(st.booleans(), values), "model": values,
+    }  # fmt: skip
+    completion = st.fixed_dictionaries({"prompt": values}, optional=sampling)
+    chat = st.fixed_dictionaries({"messages": st.one_of(messages, values)}, optional=sampling)
+    return st.one_of(st.tuples(st.just("/v1/completions"), completion), st.tuples(st.just("/v1/chat/completions"), chat))
+
+
+def test_fuzzed_requests_never_get_5xx(api):
+    """Whatever the body, the answer is a 2xx or a 4xx with a message; the node keeps serving."""
+    from hypothesis import HealthCheck, given, settings
+
+    _, base, client = api
+    http = httpx.Client(base_url=base, timeout=60)
+
+    @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(_bodies())
+    def check(case):
+        path, body = case
+        if isinstance(body.get("max_tokens"), int) and body["max_tokens"] > 4:
+            body["max_tokens"] = 2**32 if body["max_tokens"] > 2**31 else 4  # keep valid runs short
+        raw = json.dumps(body)
+        with http.stream("POST", path, content=raw, headers={"content-type": "application/json"}) as response:
+            response.read()
+        assert response.status_code < 500, (body, response.text)
+        if response.status_code >= 400:
+            assert response.json()["error"]["message"]
+
+    check()
+    assert client.completions.create(model="target", prompt="still up", max_tokens=2).choices[0].text is not None

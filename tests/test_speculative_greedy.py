@@ -10,7 +10,7 @@ PROMPTS = ["def add(a, b):", "Natalia sold clips to 48 of her friends", "The qui
 
 
 def test_draft_equal_to_target_accepts_everything(tiny, target_model, pair_factory):
-    pair = pair_factory(tiny.draft_same)
+    pair = pair_factory(tiny.draft_same, weights="model")  # the very same numbers as the target
     k = 4
     tokens, chunks = collect(
         pair.draft_stub, prompt="def add(a, b):", max_tokens=41, num_speculative_tokens=k

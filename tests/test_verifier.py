@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import threading
 
 import pytest
 import torch
@@ -10,7 +11,14 @@ from transformers import DynamicCache
 
 from services.candidate_tree import CandidateTree
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
-from services.kv_cache import kv_nbytes, kv_tensors, move_positions, truncate_kv
+from services.kv_cache import (
+    GROWTH_POSITIONS,
+    kv_nbytes,
+    kv_tensors,
+    move_positions,
+    new_kv_cache,
+    truncate_kv,
+)
 from services.rpc.specwire.v1 import target_pb2
 from target_node.backends import build_verifier
 from target_node.config import TargetConfig
@@ -99,8 +107,9 @@ def test_compacted_cache_equals_fresh_prefill(target_model, verifier):
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
 
-def test_kv_positions_move_and_truncate_in_every_layer():
-    cache = DynamicCache()
+@pytest.mark.parametrize("make_cache", [DynamicCache, new_kv_cache])
+def test_kv_positions_move_and_truncate_in_every_layer(make_cache):
+    cache = make_cache()
     for layer in range(3):
         keys = torch.arange(10.0).view(1, 1, 10, 1).expand(1, 2, 10, 4).clone() + layer
         cache.update(keys, keys.clone(), layer)
@@ -110,7 +119,26 @@ def test_kv_positions_move_and_truncate_in_every_layer():
         assert layer.keys[0, 0, :, 0].tolist() == [v + layer_idx for v in (0, 1, 2, 5, 8)]
     truncate_kv(cache, 2)
     assert cache.get_seq_length() == 2
-    assert kv_nbytes(cache) == 3 * 2 * (1 * 2 * 2 * 4 * 4)
+    held = 10 if make_cache is DynamicCache else 10 + GROWTH_POSITIONS  # truncation keeps the memory
+    assert kv_nbytes(cache) == 3 * 2 * (1 * 2 * held * 4 * 4)
+
+
+def test_preallocated_cache_appends_in_place_and_grows():
+    cache = new_kv_cache()
+    first = torch.randn(1, 2, 3, 4)
+    cache.update(first, first + 1, 0)
+    buffer = cache.layers[0].keys.untyped_storage().data_ptr()
+    step = torch.randn(1, 2, 2, 4)
+    keys, values = cache.update(step, step + 1, 0)
+    assert keys.untyped_storage().data_ptr() == buffer  # no copy of the cache per step
+    assert torch.equal(keys, torch.cat([first, step], dim=-2)) and torch.equal(values, keys + 1)
+    truncate_kv(cache, 1)
+    keys, _ = cache.update(step, step, 0)  # writes over the dropped positions
+    assert torch.equal(keys, torch.cat([first[..., :1, :], step], dim=-2))
+    big = torch.randn(1, 2, GROWTH_POSITIONS + 5, 4)
+    keys, _ = cache.update(big, big, 0)  # past the capacity: reallocated, contents kept
+    assert torch.equal(keys, torch.cat([first[..., :1, :], step, big], dim=-2))
+    assert cache.get_seq_length() == 3 + GROWTH_POSITIONS + 5
 
 
 def test_bad_requests_get_precise_errors(target_model, verifier):
@@ -183,3 +211,70 @@ def test_session_store_ttl_and_capacity():
         store.get("a")
     store.get("b")
     assert store.remove("b") and not store.remove("b")
+
+
+def test_failed_compaction_leaves_session_unchanged(target_model, verifier, monkeypatch):
+    """A compaction error (after the forward and the decision) still restores the session."""
+    prompt = target_model.tokenizer.encode("def add(a, b):")
+    expected = target_only_greedy(target_model, prompt, 6)
+    opened = open_session(verifier, prompt)
+    session = verifier.sessions.get(opened.session_id)
+    # the target's continuation as the second candidate: accepting it moves KV entries
+    tree = CandidateTree.from_sequences([[(expected[1] + 1) % verifier.vocab_size], expected[1:4]])
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("compaction failed")
+
+    monkeypatch.setattr(verifier.backend.kernels, "compact_kv", broken)
+    with pytest.raises(RuntimeError, match="compaction"):
+        verify(verifier, opened.session_id, 0, tree)
+    assert session.context_length == len(prompt) and session.next_round == 0
+    assert session.cache.get_seq_length() == len(prompt)
+    monkeypatch.undo()
+    result = verify(verifier, opened.session_id, 0, tree)
+    assert [expected[0], *result.accepted_token_ids, result.next_token_id] == expected[:5]
+
+
+def test_chains_are_not_moved(target_model, verifier, monkeypatch):
+    """Compaction skips identity moves: a single accepted chain needs none."""
+    moves = []
+    monkeypatch.setattr(verifier.backend.kernels, "compact_kv", lambda t, src, dst: moves.append((src.tolist(), dst)))
+    prompt = target_model.tokenizer.encode("def add(a, b):")
+    expected = target_only_greedy(target_model, prompt, 6)
+    opened = open_session(verifier, prompt)
+    verify(verifier, opened.session_id, 0, CandidateTree.from_sequences([expected[1:4]]))
+    assert moves == []
+    wrong = (expected[5] + 1) % verifier.vocab_size
+    verify(verifier, opened.session_id, 1, CandidateTree.from_sequences([[wrong], expected[5:6]]))
+    kept = len(prompt) + 4 + 1
+    assert moves == [([kept + 1], kept)]  # node 1 (second candidate) moves next to the prefix
+
+
+def test_close_waits_for_the_round_in_flight(target_model, verifier):
+    prompt = target_model.tokenizer.encode("def add")
+    opened = open_session(verifier, prompt)
+    session = verifier.sessions.get(opened.session_id)
+    session.lock.acquire()  # a round in flight
+    closer = threading.Thread(target=verifier.close_session, args=(opened.session_id,))
+    closer.start()
+    closer.join(0.3)
+    assert closer.is_alive() and session.cache is not None  # the round's cache is not pulled from under it
+    session.lock.release()
+    closer.join(5)
+    assert session.closed and session.cache is None
+
+
+def test_session_removed_between_lookup_and_lock_reads_not_found(target_model, verifier, monkeypatch):
+    """Evicted (or closed, or expired) after `get` found it: NOT_FOUND, which makes the draft resume."""
+    prompt = target_model.tokenizer.encode("def add")
+    opened = open_session(verifier, prompt)
+    get = verifier.sessions.get
+
+    def get_then_evicted(session_id, owner):
+        session = get(session_id, owner)
+        verifier.sessions.remove(session_id, owner)
+        return session
+
+    monkeypatch.setattr(verifier.sessions, "get", get_then_evicted)
+    with pytest.raises(NotFound):
+        verify(verifier, opened.session_id, 0, CandidateTree.from_sequences([[1, 2]]))

@@ -14,6 +14,7 @@ from draft_node.config import DraftConfig
 from draft_node.proposers.base import Proposer
 from services.model_loading import LoadedModel, load_model, load_tokenizer, resolve_model_dir
 from services.rpc.specwire.v1 import target_pb2
+from services.small_row_linear import small_row_setting, use_small_row_linears
 
 ProposerFactory = Callable[[target_pb2.SamplingParams, torch.Generator], Proposer]
 
@@ -50,6 +51,9 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
         from draft_node.proposers.hf import HFProposer
 
         loaded = loaded or load_model(config.model, config.dtype, config.cache_dir)
+        use_small_row_linears(
+            loaded.model, small_row_setting(config.small_row_linear), int8=config.weights == "int8"
+        )
         lock = threading.Lock()  # concurrent generations take turns on the one model
         eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
         return Drafter(

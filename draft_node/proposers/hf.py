@@ -5,11 +5,11 @@ from __future__ import annotations
 import threading
 
 import torch
-from transformers import DynamicCache, PreTrainedModel
+from transformers import PreTrainedModel
 
 from draft_node.proposers.base import draft_token
 from services.candidate_tree import ROOT, CandidateTree
-from services.kv_cache import truncate_kv
+from services.kv_cache import new_kv_cache, truncate_kv
 from services.rpc.specwire.v1 import target_pb2
 
 
@@ -29,7 +29,7 @@ class HFProposer:
         self.sampling = sampling or target_pb2.SamplingParams()
         self.generator = generator or torch.Generator()
         self.device = next(model.parameters()).device
-        self.cache = DynamicCache()
+        self.cache = new_kv_cache()
         self.cached_ids: list[int] = []  # tokens whose KV entries are in self.cache
 
     @torch.inference_mode()

@@ -1,4 +1,4 @@
-"""HF transformers backend: per-session DynamicCache, tree attention, padded batches across sessions.
+"""HF transformers backend: per-session preallocated KV cache, tree attention, padded batches across sessions.
 
 Concurrent sessions' verify forwards are stacked: their KV caches are right-padded into one
 batch cache, the forward runs once, and each session gets its own logits and new KV entries back.
@@ -14,8 +14,9 @@ from transformers import DynamicCache, PreTrainedModel
 
 from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
-from services.kv_cache import kv_nbytes, kv_tensors, truncate_kv
+from services.kv_cache import kv_buffers, kv_nbytes, new_kv_cache, truncate_kv
 from services.model_loading import LoadedModel
+from services.small_row_linear import small_row_setting, use_small_row_linears
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
 from target_node.kernels import load_kernels
@@ -79,6 +80,7 @@ class HFBackend(VerifyBackend):
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.max_context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 31
         self.device = next(self.model.parameters()).device
+        self.small_row_limit = use_small_row_linears(self.model, small_row_setting(config.small_row_linear))
         self.min_rows = config.pad_verify_rows
         self.kernels = load_kernels(config.kernels, self.device)
         self._forward_lock = threading.Lock()  # one forward at a time: they compete for the same cores
@@ -93,7 +95,7 @@ class HFBackend(VerifyBackend):
 
     @torch.inference_mode()
     def prefill(self, session: Session) -> int:
-        session.cache = DynamicCache()
+        session.cache = new_kv_cache()
         with self._forward_lock:
             out = self.model(
                 input_ids=torch.tensor([session.token_ids], device=self.device),
@@ -109,19 +111,23 @@ class HFBackend(VerifyBackend):
             query = build_tree_query(session.pending_token, tree, prefix)
             logits, batch_size = self.batcher.submit(ForwardJob(session.cache, query))
             decision = session.strategy.evaluate_posterior(logits, tree, session.generator)
+            # compaction writes only past the prefix, so truncating to it still restores the session
+            self.update_inference_inputs(session.cache, prefix + 1, decision.accepted_nodes)
         except BaseException:
             truncate_kv(session.cache, prefix)  # leave the session as it was before the round
             raise
-        self.update_inference_inputs(session.cache, prefix + 1, decision.accepted_nodes)
         return RoundResult(decision, node_logprobs(logits, tree).tolist(), batch_size)
 
     @torch.inference_mode()
     def update_inference_inputs(self, cache: DynamicCache, kept: int, accepted_nodes: list[int]) -> None:
         """Keep the first `kept` cache positions and the accepted path's nodes, dropping the rest
-        of the trie (node i sits at position kept + i)."""
-        src = torch.tensor([kept + node for node in accepted_nodes], dtype=torch.int32)
-        self.kernels.compact_kv(kv_tensors(cache), src.to(self.device), kept)
-        truncate_kv(cache, kept + len(src))
+        of the trie (node i sits at position kept + i). Nodes already in place (a chain's leading
+        nodes, every accepted node of a single candidate) are not moved."""
+        in_place = next((j for j, node in enumerate(accepted_nodes) if node != j), len(accepted_nodes))
+        if in_place < len(accepted_nodes):
+            src = torch.tensor([kept + node for node in accepted_nodes[in_place:]], dtype=torch.int32)
+            self.kernels.compact_kv(kv_buffers(cache), src.to(self.device), kept + in_place)
+        truncate_kv(cache, kept + len(accepted_nodes))
 
     def describe(self) -> dict[str, str]:
         return {
@@ -130,6 +136,7 @@ class HFBackend(VerifyBackend):
             "kernels": self.kernels.name,
             "device": str(self.device),
             "dtype": str(self.model.dtype).removeprefix("torch."),
+            "small_row_linear": str(self.small_row_limit),
         }
 
     def session_bytes(self, session: Session) -> int:
@@ -182,7 +189,6 @@ class HFBackend(VerifyBackend):
         for b, job in enumerate(jobs):
             new = slice(width, width + len(job.query.token_ids))
             for layer, batched in zip(job.cache.layers, batch_cache.layers, strict=True):
-                layer.keys = torch.cat([layer.keys, batched.keys[b : b + 1, ..., new, :]], dim=-2)
-                layer.values = torch.cat([layer.values, batched.values[b : b + 1, ..., new, :]], dim=-2)
+                layer.update(batched.keys[b : b + 1, ..., new, :], batched.values[b : b + 1, ..., new, :])
             results.append(out.logits[b, : len(job.query.token_ids)].float())
         return results

@@ -1,0 +1,113 @@
+"""The small-row linear path: equal to F.linear for every row count it serves, row-invariant,
+int8 weights equal to their dequantized product, and speculative greedy output identical to the
+target alone with the kernels, the int8 draft and the preallocated KV cache all on."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from services.model_loading import load_model
+from services.small_row_linear import (
+    SmallRowLinear,
+    cpu_extension,
+    quantize_int8,
+    use_small_row_linears,
+    weight_stationary_linear,
+)
+from tests.conftest import start_pair
+from tests.helpers import collect, target_only_greedy
+
+needs_kernel = pytest.mark.skipif(cpu_extension() is None, reason="no AVX2 CPU or no C++ compiler here")
+ROWS = list(range(1, 65))
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape", [(300, 200), (257, 1536), (64, 13)])  # K not a multiple of 8: the tail
+def test_kernel_equals_f_linear_for_rows_1_to_64(shape):
+    gen = torch.Generator().manual_seed(0)
+    weight, bias = torch.randn(*shape, generator=gen), torch.randn(shape[0], generator=gen)
+    for rows in ROWS:
+        x = torch.randn(rows, shape[1], generator=gen)
+        got = cpu_extension().small_row_linear(x, weight, bias)
+        torch.testing.assert_close(got, F.linear(x, weight, bias), rtol=1e-5, atol=1e-4)
+
+
+@needs_kernel
+def test_kernel_rows_do_not_depend_on_each_other():
+    """Bitwise: a row gives the same result alone or among others (greedy verify sees the very
+    logits a decode step would)."""
+    gen = torch.Generator().manual_seed(1)
+    weight = torch.randn(515, 384, generator=gen)
+    x = torch.randn(17, 384, generator=gen)
+    together = cpu_extension().small_row_linear(x, weight, None)
+    for i in range(len(x)):
+        assert torch.equal(cpu_extension().small_row_linear(x[i : i + 1], weight, None)[0], together[i])
+
+
+@needs_kernel
+def test_bf16_and_int8_weights():
+    gen = torch.Generator().manual_seed(2)
+    weight = torch.randn(301, 264, generator=gen)
+    q, scale = quantize_int8(weight)
+    assert q.dtype == torch.int8 and (weight - q.float() * scale[:, None]).abs().max() <= scale.max() / 2 + 1e-6
+    for rows in (1, 3, 4, 9):
+        x = torch.randn(rows, 264, generator=gen)
+        torch.testing.assert_close(
+            cpu_extension().small_row_linear(x, q, None, scale), F.linear(x, q.float() * scale[:, None]),
+            rtol=1e-5, atol=1e-4,
+        )  # fmt: skip
+        wb = weight.bfloat16()
+        torch.testing.assert_close(
+            cpu_extension().small_row_linear(x.bfloat16(), wb, None).float(),
+            F.linear(x, wb.float()),
+            rtol=2e-2, atol=0.3,  # bf16 output rounding
+        )
+    with pytest.raises(RuntimeError, match="scale"):
+        cpu_extension().small_row_linear(torch.randn(1, 264), q, None)
+
+
+def test_torch_fallback_equals_f_linear():
+    gen = torch.Generator().manual_seed(3)
+    weight, bias = torch.randn(96, 40, generator=gen), torch.randn(96, generator=gen)
+    for rows in ROWS:
+        x = torch.randn(rows, 40, generator=gen)
+        torch.testing.assert_close(weight_stationary_linear(x, weight, bias), F.linear(x, weight, bias))
+
+
+def test_swap_keeps_parameters_and_outputs(tiny):
+    model = load_model(tiny.target).model
+    ids = torch.tensor([[5, 9, 30, 2, 44, 7]])
+    with torch.inference_mode():
+        want = model(input_ids=ids).logits
+        assert use_small_row_linears(model, 4) == 4
+        swapped = [m for m in model.modules() if isinstance(m, SmallRowLinear)]
+        assert swapped and not any(type(m) is nn.Linear for m in model.modules())
+        assert use_small_row_linears(model) == 4  # a second call keeps the first choice
+        got_prefill = model(input_ids=ids).logits  # 6 rows > 4: stock F.linear
+        got_rows = torch.cat([model(input_ids=ids[:, : i + 1]).logits[:, -1:] for i in range(6)], dim=1)
+    assert all(m.weight is not None for m in swapped)
+    torch.testing.assert_close(got_prefill, want)
+    torch.testing.assert_close(got_rows, want, rtol=1e-4, atol=1e-4)
+    assert use_small_row_linears(load_model(tiny.target).model, 0) == 0  # off: left as it is
+
+
+@needs_kernel
+@pytest.mark.parametrize("pipeline", [False, True])
+def test_greedy_identical_with_everything_on(tiny, pipeline):
+    """Target kernels on for every verify (up to 64 rows), an int8 draft with its kernels, the
+    preallocated caches, K=3: output equals the target alone running the same kernels."""
+    target = load_model(tiny.target)
+    use_small_row_linears(target.model, 64)  # the node keeps this choice (auto sees it done)
+    pair = start_pair(target, tiny.draft_noisy, weights="int8", small_row_linear="64", pipeline=pipeline)
+    try:
+        assert pair.target.node.backend.small_row_limit == 64
+        for prompt in ("def add(a, b):", "Natalia sold clips"):
+            tokens, chunks = collect(pair.draft_stub, prompt=prompt, max_tokens=40, num_speculative_tokens=3)
+            assert tokens == target_only_greedy(target, target.tokenizer.encode(prompt), 40), prompt
+            assert any(c.stats.accepted_tokens for c in chunks if c.HasField("stats"))
+    finally:
+        pair.draft.stop(0)
+        pair.target.stop(0)
