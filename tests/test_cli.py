@@ -114,6 +114,8 @@ def test_target_draft_generate_as_separate_processes(tiny):
             f"127.0.0.1:{target_port}",
             "--num-speculative-tokens",
             "4",
+            "--weights",
+            "model",  # the very numbers of the target: every draft token is accepted
             "--metrics-port",
             str(draft_metrics),
             "--http-port",
