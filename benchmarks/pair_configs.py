@@ -38,7 +38,8 @@ SUITES: dict[str, dict[str, tuple[list[str], list[str], dict[str, str]]]] = {
     "draft": {
         "hf fp32": ([], ["--dtype", "float32", "--weights", "model"], {}),
         "hf bf16": ([], ["--dtype", "bfloat16", "--weights", "model"], {}),
-        "hf bf16, int8 steps (default)": ([], ["--dtype", "bfloat16", "--weights", "int8"], {}),
+        "hf bf16, int8 steps": ([], ["--dtype", "bfloat16", "--weights", "int8"], {}),
+        "hf fp32, int8 steps (default)": ([], ["--dtype", "float32", "--weights", "int8"], {}),
         "vllm N=1": ([], ["--proposer", "vllm", "--num-candidates", "1", "--dtype", "float32"], {}),
         "vllm N=3": ([], ["--proposer", "vllm", "--num-candidates", "3", "--dtype", "float32"], {}),
         "ngram": ([], ["--proposer", "ngram"], {}),
@@ -94,8 +95,13 @@ def main() -> None:
     print(f"target alone: {baseline['tokens_per_s']} tok/s", flush=True)
     rows = []
     for name, (target_flags, draft_flags, env) in SUITES[args.suite].items():
-        with local_pair(target_flags, draft_flags, env=env) as pair:
-            result = generate(pair.draft, args.max_tokens, args.k)
+        try:
+            with local_pair(target_flags, draft_flags, env=env) as pair:
+                result = generate(pair.draft, args.max_tokens, args.k)
+        except (RuntimeError, TimeoutError, grpc.RpcError) as exc:  # a config that cannot run here
+            rows.append({"config": name, "draft_flags": draft_flags, "error": str(exc)[-500:]})
+            print(json.dumps(rows[-1]), flush=True)
+            continue
         speedup = round(result["tokens_per_s"] / baseline["tokens_per_s"], 3)
         rows.append({"config": name, "target_flags": target_flags, "draft_flags": draft_flags, "env": env,
                      "speedup": speedup, **result})  # fmt: skip

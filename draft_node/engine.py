@@ -46,10 +46,11 @@ class DraftEngine:
         self._adaptive: AdaptiveController | None = None
         self._controller_lock = threading.Lock()
 
-    def target_info(self) -> target_pb2.InfoResponse:
-        """The target's info, fetched once; refuses a target with another tokenizer."""
+    def target_info(self, wait_s: float | None = None) -> target_pb2.InfoResponse:
+        """The target's info, fetched once; refuses a target with another tokenizer. With `wait_s`,
+        waits that long for a target that is (re)connecting, e.g. one that started after this node."""
         if self._target_info is None:
-            info = self.target.info()
+            info = self.target.info(wait_s)
             if info.tokenizer_fingerprint != self.fingerprint:
                 raise FailedPrecondition(
                     f"draft model {self.drafter.model_id} and target model {info.model_id} use different "
@@ -117,7 +118,7 @@ class DraftEngine:
             raise InvalidArgument(
                 f"num_speculative_tokens {request.num_speculative_tokens} above the limit 32"
             )
-        info = self.target_info()
+        info = self.target_info(wait_s=min(10.0, self.config.target_timeout_s))
         if len(prompt_ids) > info.limits.max_prompt_tokens:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the target's limit is {info.limits.max_prompt_tokens}"

@@ -10,7 +10,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from draft_node.config import DraftConfig
 from draft_node.server import start_draft
 from services.errors import FailedPrecondition
-from services.rpc.specwire.v1 import draft_pb2, target_pb2
+from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc, target_pb2
 from target_node.config import TargetConfig
 from target_node.server import start_target
 from tests.helpers import collect
@@ -107,15 +107,21 @@ def test_mismatched_tokenizer_is_refused_at_start(target_model, tiny):
         target.stop(0)
 
 
-def test_draft_starts_before_its_target(tiny):
-    """A target that is not up yet is no reason to refuse: it is checked at the first request."""
+def test_draft_starts_before_its_target(tiny, target_model):
+    """A target that is not up yet is no reason to refuse: the first request, once it is up, works."""
     from draft_node.local_pair import free_port
 
-    config = DraftConfig(
-        model=tiny.draft_noisy, port=0, metrics_port=-1, http_port=-1, target=f"127.0.0.1:{free_port()}"
-    )
+    port = free_port()
+    config = DraftConfig(model=tiny.draft_noisy, port=0, metrics_port=-1, http_port=-1, target=f"127.0.0.1:{port}")
     draft = start_draft(config)
-    draft.stop(0)
+    target = start_target(TargetConfig(model="tiny", port=port, metrics_port=-1), target_model)
+    try:
+        with grpc.insecure_channel(f"127.0.0.1:{draft.port}") as channel:
+            tokens, _ = collect(draft_pb2_grpc.DraftServiceStub(channel), prompt="def add", max_tokens=6)
+        assert len(tokens) == 6
+    finally:
+        draft.stop(0)
+        target.stop(0)
 
 
 @pytest.mark.parametrize("node", ["target", "draft"])
