@@ -10,7 +10,6 @@ from collections.abc import Iterator
 from contextlib import closing
 
 import grpc
-import torch
 
 from draft_node.config import DraftConfig
 from draft_node.controller import AdaptiveController, FixedController
@@ -18,7 +17,7 @@ from draft_node.detokenizer import IncrementalDetokenizer
 from draft_node.metrics import DraftMetrics
 from draft_node.modal_client import TargetTransport
 from draft_node.proposers import Drafter
-from draft_node.proposers.base import draft_sampling
+from draft_node.proposers.base import DraftNoise, draft_sampling
 from draft_node.resumable_session import ResumableSession, RetryPolicy
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
@@ -123,9 +122,12 @@ class DraftEngine:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the target's limit is {info.limits.max_prompt_tokens}"
             )
-        # a seeded request keeps K/N fixed: the random streams it consumes depend on the trie shapes
+        strategy = request.strategy or ("gumbel" if request.temperature > 0 else "deterministic")
+        # the text of a seeded request depends on the trie shapes (K, N) except under `gumbel`
         controller = self._controller(
-            request.num_speculative_tokens, info.limits.max_tree_nodes, fixed=request.HasField("seed")
+            request.num_speculative_tokens,
+            info.limits.max_tree_nodes,
+            fixed=request.HasField("seed") and strategy != "gumbel",
         )
         sampling = target_pb2.SamplingParams(
             temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
@@ -133,7 +135,6 @@ class DraftEngine:
         check_sampling(sampling)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         sampling.seed = seed
-        strategy = request.strategy or ("probabilistic" if request.temperature > 0 else "deterministic")
 
         session = ResumableSession(
             self.target,
@@ -154,9 +155,9 @@ class DraftEngine:
             yield chunk
             if chunk.finish_reason:
                 return
-            # the draft's own random stream, derived from the same seed
-            generator = torch.Generator().manual_seed(seed ^ 0x5DEECE66D)
-            proposer = self.drafter.new_proposer(draft_sampling(sampling, self.config.draft_top_k), generator)
+            proposer = self.drafter.new_proposer(
+                draft_sampling(sampling, self.config.draft_top_k), DraftNoise.for_strategy(seed, strategy)
+            )
             rounds = speculative_rounds(
                 proposer,
                 session,

@@ -33,8 +33,3 @@ def target_probs(logits: torch.Tensor, sampling: target_pb2.SamplingParams) -> t
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
         probs = probs / probs.sum(-1, keepdim=True)
     return probs
-
-
-def sample(probs: torch.Tensor, generator: torch.Generator) -> int:
-    """One token from a probability vector."""
-    return int(torch.multinomial(probs, 1, generator=generator))

@@ -14,9 +14,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from services.errors import NotFound, ResourceExhausted
+from services.token_noise import TokenNoise
 from target_node.strategies import Strategy
 
 log = logging.getLogger(__name__)
@@ -30,7 +29,7 @@ class Session:
     session_id: str
     token_ids: list[int]  # committed context: prompt + accepted tokens (the pending token excluded)
     strategy: Strategy  # holds the session's sampling and strategy parameters
-    generator: torch.Generator
+    noise: TokenNoise  # every random number the session draws, keyed by token position
     pending_token: int = -1  # chosen by the target, not yet part of the context
     cache: Any = None  # backend state (HF: the DynamicCache over `token_ids`)
     next_round: int = 0

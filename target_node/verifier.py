@@ -6,11 +6,10 @@ import logging
 import secrets
 import time
 
-import torch
-
 from services.candidate_tree import CandidateTree
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from services.rpc.specwire.v1 import target_pb2
+from services.token_noise import TokenNoise
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
 from target_node.metrics import TargetMetrics
@@ -124,7 +123,7 @@ class Verifier:
         )
         seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63)
         session = Session(
-            SessionStore.new_id(), prompt, strategy, torch.Generator().manual_seed(seed), owner=owner
+            SessionStore.new_id(), prompt, strategy, TokenNoise(seed), owner=owner
         )
         if request.HasField("resume_pending_token_id") and request.resume_pending_token_id >= self.vocab_size:
             raise InvalidArgument(

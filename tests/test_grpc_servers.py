@@ -27,7 +27,7 @@ def rpc_error(call, *args, **kwargs) -> grpc.RpcError:
 def test_target_info_and_session_lifecycle(target_model, pair_factory, tiny):
     pair = pair_factory(tiny.draft_noisy)
     info = pair.target_stub.Info(target_pb2.InfoRequest())
-    assert info.strategies == ["deterministic", "probabilistic", "threshold", "topk", "typical"]
+    assert info.strategies == ["deterministic", "gumbel", "probabilistic", "threshold", "topk", "typical"]
     assert info.lossy_strategies == ["threshold", "topk", "typical"]
     assert info.vocab_size == target_model.model.config.vocab_size
     assert info.limits.max_tree_nodes == 64

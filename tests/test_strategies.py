@@ -9,9 +9,11 @@ from services.candidate_tree import ROOT, CandidateTree, SparseProbs
 from services.errors import InvalidArgument
 from services.rpc.specwire.v1 import target_pb2
 from services.sampling import target_probs
+from services.token_noise import Stream, TokenNoise
 from target_node.strategies import make_strategy
 
 VOCAB = 8
+NOISE = TokenNoise(0)
 # chi-square critical values at p = 1e-3 for df = 1..7
 CHI2_CRIT = {1: 10.83, 2: 13.82, 3: 16.27, 4: 18.47, 5: 20.52, 6: 22.46, 7: 24.32}
 
@@ -63,7 +65,9 @@ def draft_tree(q_root: torch.Tensor, q_child: dict[int, torch.Tensor], width: in
     return tree
 
 
-@pytest.mark.parametrize("width", [1, 2, 3])
+@pytest.mark.parametrize(
+    ("name", "width"), [("probabilistic", 1), ("probabilistic", 2), ("probabilistic", 3), ("gumbel", 3)]
+)
 @pytest.mark.parametrize(
     "sampling",
     [
@@ -72,22 +76,22 @@ def draft_tree(q_root: torch.Tensor, q_child: dict[int, torch.Tensor], width: in
     ],
     ids=["t1", "t0.7-k5-p0.9"],
 )
-def test_probabilistic_reproduces_target_distribution(width, sampling):
+def test_lossless_strategies_reproduce_target_distribution(name, width, sampling):
     gen = torch.Generator().manual_seed(width)
     logits_root = torch.randn(VOCAB, generator=gen) * 1.5
     logits_after = {t: torch.randn(VOCAB, generator=gen) * 1.5 for t in range(VOCAB)}
     q_root = torch.randn(VOCAB, generator=gen).softmax(-1)
     q_child = {t: torch.randn(VOCAB, generator=gen).softmax(-1) for t in range(VOCAB)}
-    strategy = make_strategy("probabilistic", sampling)
+    strategy = make_strategy(name, sampling)
     draws = 20_000
     first = torch.zeros(VOCAB)
     second = torch.zeros(VOCAB, VOCAB)  # second[a] counts the token after first token a
-    for _ in range(draws):
+    for draw in range(draws):
         tree = draft_tree(q_root, q_child, width, gen)
         rows = [logits_root] + [
             logits_after[t] for t in tree.token_ids
         ]  # a node's row: logits after its token
-        decision = strategy.evaluate_posterior(torch.stack(rows), tree, gen)
+        decision = strategy.evaluate_posterior(torch.stack(rows), tree, TokenNoise(draw), 0)
         tokens = [tree.token_ids[n] for n in decision.accepted_nodes] + [decision.next_token]
         first[tokens[0]] += 1
         if len(tokens) > 1:
@@ -105,8 +109,8 @@ def test_point_mass_drafts_are_lossless():
     tree = CandidateTree([ROOT, ROOT], [2, 5])
     strategy = make_strategy("probabilistic", target_pb2.SamplingParams(temperature=1.0))
     counts = torch.zeros(VOCAB)
-    for _ in range(20_000):
-        decision = strategy.evaluate_posterior(logits, tree, gen)
+    for draw in range(20_000):
+        decision = strategy.evaluate_posterior(logits, tree, TokenNoise(draw), 0)
         counts[([tree.token_ids[n] for n in decision.accepted_nodes] + [decision.next_token])[0]] += 1
     assert chi_square_fits(counts, logits[0].softmax(-1))
 
@@ -133,10 +137,10 @@ def test_probabilistic_refuses_q_that_breaks_losslessness():
         [ROOT, ROOT], [1, 2], [SparseProbs([1, 2], [0.5, 0.5]), SparseProbs([1, 2], [0.5, 0.5])]
     )
     with pytest.raises(InvalidArgument, match="without replacement"):
-        strategy.evaluate_posterior(logits, with_replacement, torch.Generator())
+        strategy.evaluate_posterior(logits, with_replacement, NOISE, 0)
     missing_own_token = CandidateTree([ROOT], [1], [SparseProbs([2], [1.0])])
     with pytest.raises(InvalidArgument, match="no mass"):
-        strategy.evaluate_posterior(logits[:2], missing_own_token, torch.Generator())
+        strategy.evaluate_posterior(logits[:2], missing_own_token, NOISE, 0)
 
 
 def test_deterministic_is_greedy_and_picks_longest_path():
@@ -146,7 +150,7 @@ def test_deterministic_is_greedy_and_picks_longest_path():
         logits[row, best] = 5.0
     tree = CandidateTree.from_sequences([[3, 4, 7], [3, 2], [5]])  # nodes: 0:3 1:4 2:7 3:2 4:5
     decision = make_strategy("deterministic", target_pb2.SamplingParams()).evaluate_posterior(
-        logits, tree, torch.Generator()
+        logits, tree, NOISE, 0
     )
     assert decision.accepted_nodes == [0, 1]
     assert decision.next_token == 1 and not decision.next_is_bonus
@@ -163,7 +167,7 @@ def random_case(seed: int):
 def total_accepted(name: str, params: target_pb2.StrategyParams, cases) -> int:
     strategy = make_strategy(name, target_pb2.SamplingParams(), params)
     return sum(
-        len(strategy.evaluate_posterior(logits, tree, torch.Generator()).accepted_nodes)
+        len(strategy.evaluate_posterior(logits, tree, NOISE, 0).accepted_nodes)
         for logits, tree in cases
     )
 
@@ -197,7 +201,7 @@ def test_lossy_strategy_breaks_ties_by_target_logprob():
     logits[0, 1], logits[0, 2] = 3.0, 2.0  # both root children are in the top-3, node 0 more likely
     tree = CandidateTree.from_sequences([[2], [1]])  # node 0: token 2, node 1: token 1
     decision = make_strategy("topk", target_pb2.SamplingParams()).evaluate_posterior(
-        logits[:3], tree, torch.Generator()
+        logits[:3], tree, NOISE, 0
     )
     assert decision.accepted_nodes == [1]
 
@@ -216,3 +220,47 @@ def test_lossy_strategy_breaks_ties_by_target_logprob():
 def test_bad_strategy_parameters(name, sampling, params):
     with pytest.raises(InvalidArgument):
         make_strategy(name, sampling, params)
+
+
+def test_token_noise_is_a_function_of_its_key():
+    noise = TokenNoise(11)
+    a = noise.uniform(40, Stream.SAMPLE, 5)
+    assert torch.equal(a, TokenNoise(11).uniform(40, Stream.SAMPLE, 5))
+    assert torch.equal(a[:3], noise.uniform(40, Stream.SAMPLE, 3))  # a prefix of the same list
+    for other in (TokenNoise(12).uniform(40, Stream.SAMPLE, 5), noise.uniform(41, Stream.SAMPLE, 5)):
+        assert not torch.equal(a, other)
+    assert not torch.equal(a, noise.uniform(40, Stream.ACCEPT, 5))
+    assert ((a > 0) & (a < 1)).all()
+
+
+def test_token_noise_samples_exactly():
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.125, 0.0, 0.0, 0.0, 0.0])
+    counts = torch.zeros(VOCAB)
+    for position in range(20_000):
+        counts[TokenNoise(3).sample(probs, position)] += 1
+    assert chi_square_fits(counts, probs)
+
+
+def test_gumbel_text_is_the_targets_own_sample_whatever_the_trie():
+    """Under `gumbel` the committed tokens are the target's seeded samples: an empty trie (the
+    target alone), a chain and a wide trie of any tokens give the same first token, and a chain
+    that guesses the target's samples is accepted whole."""
+    gen = torch.Generator().manual_seed(5)
+    logits = torch.randn(6, VOCAB, generator=gen)
+    strategy = make_strategy("gumbel", target_pb2.SamplingParams(temperature=1.0))
+    for seed in range(50):
+        noise = TokenNoise(seed)
+        alone = strategy.evaluate_posterior(logits[:1], CandidateTree(), noise, 7).next_token
+        assert alone == strategy.sample_token(logits[0], noise, 7)
+        wide = CandidateTree.from_sequences([[t] for t in range(VOCAB)])
+        decision = strategy.evaluate_posterior(logits[:1].expand(VOCAB + 1, -1), wide, noise, 7)
+        assert [wide.token_ids[n] for n in decision.accepted_nodes] == [alone]
+        wrong = CandidateTree.from_sequences([[(alone + 1) % VOCAB, 0, 0]])
+        decision = strategy.evaluate_posterior(logits[:4], wrong, noise, 7)
+        assert decision.accepted_nodes == [] and decision.next_token == alone
+    # a chain of the target's own samples (row r follows the chain's r-th token) is accepted whole
+    noise = TokenNoise(99)
+    chain = [strategy.sample_token(logits[r], noise, 7 + r) for r in range(3)]
+    decision = strategy.evaluate_posterior(logits[:4], CandidateTree.from_sequences([chain]), noise, 7)
+    assert decision.accepted_nodes == [0, 1, 2] and decision.next_is_bonus
+    assert decision.next_token == strategy.sample_token(logits[3], noise, 10)

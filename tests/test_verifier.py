@@ -20,6 +20,7 @@ from services.kv_cache import (
     truncate_kv,
 )
 from services.rpc.specwire.v1 import target_pb2
+from services.token_noise import TokenNoise
 from target_node.backends import build_verifier
 from target_node.config import TargetConfig
 from target_node.session import SessionStore
@@ -197,7 +198,7 @@ def test_session_store_ttl_and_capacity():
         from target_node.session import Session
         from target_node.strategies import make_strategy
 
-        return Session(sid, [1, 2], make_strategy("", target_pb2.SamplingParams()), torch.Generator())
+        return Session(sid, [1, 2], make_strategy("", target_pb2.SamplingParams()), TokenNoise(0))
 
     store.add(session("a"))
     now[0] = 5

@@ -7,16 +7,15 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from draft_node.config import DraftConfig
-from draft_node.proposers.base import Proposer
+from draft_node.proposers.base import DraftNoise, Proposer
 from services.model_loading import LoadedModel, load_model, load_tokenizer, resolve_model_dir
 from services.rpc.specwire.v1 import target_pb2
 from services.small_row_linear import small_row_setting, use_small_row_linears
 
-ProposerFactory = Callable[[target_pb2.SamplingParams, torch.Generator], Proposer]
+ProposerFactory = Callable[[target_pb2.SamplingParams, DraftNoise], Proposer]
 
 
 def eos_token_ids(tokenizer: PreTrainedTokenizerBase, generation_config: GenerationConfig | None) -> set[int]:
@@ -60,7 +59,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
             loaded.model_id,
             loaded.tokenizer,
             eos,
-            lambda sampling, gen: HFProposer(loaded.model, lock, sampling, gen),
+            lambda sampling, noise: HFProposer(loaded.model, lock, sampling, noise),
             max_candidates=1,
         )
     model_dir = resolve_model_dir(config.model, config.cache_dir)  # ngram: the tokenizer's source
@@ -73,7 +72,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
             f"ngram:{model_dir.name}",
             tokenizer,
             eos,
-            lambda sampling, gen: NgramProposer(config.ngram_min, config.ngram_max),
+            lambda sampling, noise: NgramProposer(config.ngram_min, config.ngram_max),
             max_candidates=config.num_candidates,
         )
     from draft_node.proposers.vllm import VllmDraftModel, VllmProposer
@@ -83,7 +82,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
         model_dir.name,
         tokenizer,
         eos,
-        lambda sampling, gen: VllmProposer(engine, sampling, gen),
+        lambda sampling, noise: VllmProposer(engine, sampling, noise),
         max_candidates=config.num_candidates,
         stop=engine.stop,
     )

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Protocol
 
 import torch
 
 from services.candidate_tree import CandidateTree, SparseProbs
 from services.rpc.specwire.v1 import target_pb2
-from services.sampling import sample, target_probs
+from services.sampling import target_probs
+from services.token_noise import Stream, TokenNoise
 
 
 class Proposer(Protocol):
@@ -17,15 +19,37 @@ class Proposer(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class DraftNoise:
+    """The draft's randomness, keyed by token position like the target's. Drafting for the `gumbel`
+    strategy reads the target's SAMPLE stream (coupled: the draft proposes what the target would
+    draw if q were p); every other strategy needs draws independent of the target's (DRAFT)."""
+
+    noise: TokenNoise
+    stream: Stream
+
+    @classmethod
+    def for_strategy(cls, seed: int, strategy: str) -> DraftNoise:
+        return cls(TokenNoise(seed), Stream.SAMPLE if strategy == "gumbel" else Stream.DRAFT)
+
+    def sample(self, probs: torch.Tensor, position: int) -> int:
+        return self.noise.sample(probs, position, self.stream)
+
+    def seed_at(self, position: int) -> int:
+        """A 31-bit seed for an engine that samples by itself (vLLM), keyed by position."""
+        return int(self.noise.uniform(position, Stream.DRAFT, 1)[0] * (2**31 - 1))
+
+
 def draft_token(
-    logits: torch.Tensor, sampling: target_pb2.SamplingParams, generator: torch.Generator
+    logits: torch.Tensor, sampling: target_pb2.SamplingParams, noise: DraftNoise, position: int
 ) -> tuple[int, SparseProbs | None]:
-    """Greedy (no q) or a sample with the exact sparse distribution q it was drawn from."""
+    """Greedy (no q) or a sample, for the token at `position`, with the exact sparse q it was
+    drawn from."""
     if sampling.temperature == 0:
         return int(logits.argmax()), None
     probs = target_probs(logits, sampling)
     support = probs.nonzero().flatten()
-    token = sample(probs, generator)
+    token = noise.sample(probs, position)
     return token, SparseProbs(support.tolist(), probs[support].tolist())
 
 

@@ -7,7 +7,7 @@ import threading
 import torch
 from transformers import PreTrainedModel
 
-from draft_node.proposers.base import draft_token
+from draft_node.proposers.base import DraftNoise, draft_token
 from services.candidate_tree import ROOT, CandidateTree
 from services.kv_cache import new_kv_cache, truncate_kv
 from services.rpc.specwire.v1 import target_pb2
@@ -22,12 +22,12 @@ class HFProposer:
         model: PreTrainedModel,
         forward_lock: threading.Lock,
         sampling: target_pb2.SamplingParams | None = None,
-        generator: torch.Generator | None = None,
+        noise: DraftNoise | None = None,
     ) -> None:
         self.model = model
         self.forward_lock = forward_lock
         self.sampling = sampling or target_pb2.SamplingParams()
-        self.generator = generator or torch.Generator()
+        self.noise = noise or DraftNoise.for_strategy(0, "")
         self.device = next(model.parameters()).device
         self.cache = new_kv_cache()
         self.cached_ids: list[int] = []  # tokens whose KV entries are in self.cache
@@ -52,7 +52,7 @@ class HFProposer:
                     use_cache=True,
                     logits_to_keep=1,
                 )
-            token, q = draft_token(out.logits[0, -1].float(), self.sampling, self.generator)
+            token, q = draft_token(out.logits[0, -1].float(), self.sampling, self.noise, len(context) + depth)
             tree.parents.append(ROOT if depth == 0 else depth - 1)
             tree.token_ids.append(token)
             if q is not None:

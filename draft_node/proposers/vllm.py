@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import math
 
-import torch
-
 from draft_node.config import DraftConfig
+from draft_node.proposers.base import DraftNoise
 from services.candidate_tree import ROOT, CandidateTree, SparseProbs
 from services.rpc.specwire.v1 import target_pb2
 from services.vllm_engine import VllmEngine
@@ -53,18 +52,18 @@ def sparse_q(logprobs: dict, exclude: set[int]) -> SparseProbs:
 
 class VllmProposer:
     def __init__(
-        self, model: VllmDraftModel, sampling: target_pb2.SamplingParams, generator: torch.Generator
+        self, model: VllmDraftModel, sampling: target_pb2.SamplingParams, noise: DraftNoise
     ) -> None:
         self.model = model
         self.sampling = sampling
-        self.generator = generator
+        self.noise = noise
 
     def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
         from vllm import SamplingParams
 
         if k <= 0:
             return CandidateTree()
-        seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator))
+        seed = self.noise.seed_at(len(context))
         top_k = self.sampling.top_k or self.model.draft_top_k
         sampled = SamplingParams(
             n=n,

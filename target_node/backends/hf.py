@@ -103,14 +103,14 @@ class HFBackend(VerifyBackend):
                 use_cache=True,
                 logits_to_keep=1,
             )
-        return session.strategy.first_token(out.logits[0, -1].float(), session.generator)
+        return session.strategy.first_token(out.logits[0, -1].float(), session.noise, session.context_length)
 
     def verify(self, session: Session, tree: CandidateTree) -> RoundResult:
         prefix = session.context_length
         try:
             query = build_tree_query(session.pending_token, tree, prefix)
             logits, batch_size = self.batcher.submit(ForwardJob(session.cache, query))
-            decision = session.strategy.evaluate_posterior(logits, tree, session.generator)
+            decision = session.strategy.evaluate_posterior(logits, tree, session.noise, prefix + 1)
             # compaction writes only past the prefix, so truncating to it still restores the session
             self.update_inference_inputs(session.cache, prefix + 1, decision.accepted_nodes)
         except BaseException:

@@ -7,6 +7,7 @@ from services.rpc.specwire.v1 import target_pb2
 from target_node.kernels import VerifyKernels
 from target_node.strategies.base import Decision, Strategy
 from target_node.strategies.deterministic import DeterministicStrategy
+from target_node.strategies.gumbel import GumbelStrategy
 from target_node.strategies.lossy import ThresholdStrategy, TopKStrategy, TypicalStrategy
 from target_node.strategies.probabilistic import ProbabilisticStrategy
 
@@ -15,6 +16,7 @@ STRATEGIES: dict[str, type[Strategy]] = {
     for cls in (
         DeterministicStrategy,
         ProbabilisticStrategy,
+        GumbelStrategy,
         ThresholdStrategy,
         TypicalStrategy,
         TopKStrategy,

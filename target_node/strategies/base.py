@@ -1,7 +1,9 @@
 """The verification-strategy interface: target logits over a trie in, accepted path + next token out.
 
 Rows of `logits`: row 0 follows the pending token, row 1 + i follows trie node i, so node i is
-judged on row `parents[i] + 1`.
+judged on row `parents[i] + 1`. `position` is the index (in prompt + generated text) of the token
+row 0 decides; the row after a node at depth d decides the token at `position + d`. Random numbers
+come from `TokenNoise` keyed by those indices, never from a running stream.
 """
 
 from __future__ import annotations
@@ -14,7 +16,8 @@ import torch
 
 from services.candidate_tree import ROOT, CandidateTree
 from services.rpc.specwire.v1 import target_pb2
-from services.sampling import check_sampling, sample, target_probs
+from services.sampling import check_sampling, target_probs
+from services.token_noise import TokenNoise
 from target_node.kernels import TorchKernels, VerifyKernels
 
 
@@ -60,13 +63,20 @@ class Strategy(ABC):
     def configure(self, params: target_pb2.StrategyParams) -> None:  # noqa: B027 - optional hook
         """Read and check this strategy's own parameters (raise InvalidArgument)."""
 
-    def first_token(self, logits: torch.Tensor, generator: torch.Generator) -> int:
+    def first_token(self, logits: torch.Tensor, noise: TokenNoise, position: int) -> int:
         """The target's token after the prompt (`logits`: the last prompt position)."""
-        return sample(target_probs(logits, self.sampling), generator)
+        return self.sample_token(logits, noise, position)
+
+    def sample_token(self, logits: torch.Tensor, noise: TokenNoise, position: int) -> int:
+        """The target's own choice for the token at `position`: argmax when greedy, else Gumbel-max
+        on the session's noise (the same token the target alone would draw with this seed)."""
+        if self.sampling.temperature == 0:
+            return int(logits.argmax())
+        return noise.sample(target_probs(logits, self.sampling), position)
 
     @abstractmethod
     def evaluate_posterior(
-        self, logits: torch.Tensor, tree: CandidateTree, generator: torch.Generator
+        self, logits: torch.Tensor, tree: CandidateTree, noise: TokenNoise, position: int
     ) -> Decision:
         """Pick the accepted path through `tree` and the target's next token."""
 
@@ -80,13 +90,13 @@ class NodewiseStrategy(Strategy):
         """Bool per node: `logits` [n, vocab] are the rows the nodes follow, `tokens` [n] their tokens."""
 
     def evaluate_posterior(
-        self, logits: torch.Tensor, tree: CandidateTree, generator: torch.Generator
+        self, logits: torch.Tensor, tree: CandidateTree, noise: TokenNoise, position: int
     ) -> Decision:
         acceptable = []
         if len(tree):
             acceptable = self.accept(logits[parent_rows(tree)].float(), torch.tensor(tree.token_ids)).tolist()
         best = longest_acceptable_path(tree, acceptable, node_logprobs(logits, tree).tolist())
-        next_token = sample(target_probs(logits[best + 1], self.sampling), generator)
+        next_token = self.sample_token(logits[best + 1].float(), noise, position + len(tree.path_to(best)))
         return decision_for(tree, best, next_token, acceptable)
 
 

@@ -11,6 +11,7 @@ import torch
 from services.candidate_tree import CandidateTree
 from services.errors import InvalidArgument
 from services.rpc.specwire.v1 import target_pb2
+from services.token_noise import TokenNoise
 from target_node.kernels import pack_trees
 from target_node.strategies.base import Decision, Strategy, decision_for
 
@@ -26,7 +27,7 @@ class DeterministicStrategy(Strategy):
             )
 
     def evaluate_posterior(
-        self, logits: torch.Tensor, tree: CandidateTree, generator: torch.Generator
+        self, logits: torch.Tensor, tree: CandidateTree, noise: TokenNoise, position: int
     ) -> Decision:
         rows = logits[: len(tree) + 1]
         result = self.kernels.tree_greedy_verify(rows[None], pack_trees([tree], rows.device))

@@ -6,7 +6,10 @@ tried with its own q. When every child is rejected the next token is sampled fro
 of p; when a leaf is reached, from the target's p at the leaf (the bonus token). The output then
 has exactly the target's distribution, provided each node's q is the distribution its token was
 drafted from (siblings without replacement); a node without q is a point mass. The walk itself is
-the `tree_rejection_sample` kernel; this module draws its uniforms from the session's generator.
+the `tree_rejection_sample` kernel. Its uniforms are keyed by token position (services.token_noise):
+a node's accept test by the position it would fill and its rank among its siblings, the final draw
+by the round's first position, so a replayed round (resume) draws the same numbers. The text still
+depends on the trie shapes (K, N); the `gumbel` strategy does not.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import torch
 from services.candidate_tree import CandidateTree
 from services.errors import InvalidArgument
 from services.sampling import target_probs
+from services.token_noise import Stream, TokenNoise
 from target_node.kernels import pack_draft_q, pack_trees
 from target_node.strategies.base import Decision, Strategy, decision_for
 
@@ -37,17 +41,35 @@ def check_draft_q(tree: CandidateTree) -> None:
         earlier.append(token)
 
 
+def accept_uniforms_for(tree: CandidateTree, noise: TokenNoise, position: int) -> torch.Tensor:
+    """One uniform per node (one for an empty trie): the node at depth d that is the r-th child of
+    its parent reads entry r of the ACCEPT stream at `position + d - 1`, the position it fills."""
+    if not len(tree):
+        return torch.zeros(1)
+    rank: dict[int, int] = {}
+    by_depth: dict[int, torch.Tensor] = {}
+    uniforms = []
+    depths = tree.depths()
+    for parent, depth in zip(tree.parents, depths, strict=True):
+        r = rank[parent] = rank.get(parent, -1) + 1
+        if depth not in by_depth:
+            width = depths.count(depth)
+            by_depth[depth] = noise.uniform(position + depth - 1, Stream.ACCEPT, width)
+        uniforms.append(by_depth[depth][r])
+    return torch.stack(uniforms).float()
+
+
 class ProbabilisticStrategy(Strategy):
     name = "probabilistic"
     lossless = True
 
     def evaluate_posterior(
-        self, logits: torch.Tensor, tree: CandidateTree, generator: torch.Generator
+        self, logits: torch.Tensor, tree: CandidateTree, noise: TokenNoise, position: int
     ) -> Decision:
         check_draft_q(tree)
         probs = target_probs(logits[: len(tree) + 1], self.sampling)
-        accept_uniforms = torch.rand((1, max(len(tree), 1)), generator=generator)
-        sample_uniforms = torch.rand(1, generator=generator)
+        accept_uniforms = accept_uniforms_for(tree, noise, position)[None]
+        sample_uniforms = noise.uniform(position, Stream.RESIDUAL, 1).float()
         device = probs.device
         result = self.kernels.tree_rejection_sample(
             probs[None],
