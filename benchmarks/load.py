@@ -1,11 +1,17 @@
 """Load: bounded concurrent generations against a local pair, level by level, each for a fixed time.
 
     python -m benchmarks.load --clients 1 4 16 64 --duration 20 --out benchmarks/results/load_cpu.json
+    python -m benchmarks.load --real --clients 4 16 --duration 60 --out benchmarks/results/load_real_cpu.json
 
-Tiny random models by default (this measures the serving path: gRPC, sessions, batching, memory,
-not model quality). Each client loops Generate requests until the level's time is up, then
-finishes the request it is in; errors are counted, never retried. Memory is read after each level:
-process RSS, the target's live sessions and KV bytes (sessions must all be closed again).
+Tiny random models, in this process, by default (this measures the serving path: gRPC, sessions,
+batching, memory, not model quality). `--real`: the packaged Qwen2.5-Coder 0.5B -> 1.5B pair as
+users run it, a `specwire target` and a `specwire draft` process started by the CLI.
+
+Requests mix what users send: greedy and seeded sampled ones alternate, and every
+`--cancel-every`-th request is cancelled by its client after two chunks. Each client loops until
+the level's time is up, then finishes the request it is in; errors are counted, never retried.
+After each level: resident memory of the node process(es), and the target's live sessions and KV
+bytes (every session must be closed again).
 """
 
 from __future__ import annotations
@@ -17,50 +23,63 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
 
 from benchmarks.bench_report import percentile
-from draft_node.config import DraftConfig
-from draft_node.server import start_draft
-from services.model_loading import load_model
+from draft_node.local_pair import local_pair
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
-from target_node.config import TargetConfig
-from target_node.server import start_target
 
 PROMPTS = ["def add(a, b):", "The quick brown fox", "import numpy as np\n", "class Stack:", "SELECT * FROM"]
 
 
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
+def rss_mb(pid: str | int = "self") -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
             return int(line.split()[1]) / 1024
     return float("nan")
 
 
-def run_level(address: str, clients: int, duration_s: float, max_tokens: int) -> dict:
+def request_for(index: int, n: int, max_tokens: int) -> draft_pb2.GenerateRequest:
+    """Client `index`'s n-th request: greedy and seeded sampling alternate."""
+    request = draft_pb2.GenerateRequest(prompt=PROMPTS[(index + n) % len(PROMPTS)], max_tokens=max_tokens)
+    if n % 2:
+        request.temperature, request.top_p, request.seed = 0.8, 0.95, 1000 * index + n
+    return request
+
+
+def run_level(address: str, clients: int, duration_s: float, max_tokens: int, cancel_every: int) -> dict:
     stub = draft_pb2_grpc.DraftServiceStub(grpc.insecure_channel(address))
     latencies: list[float] = []
-    tokens, errors = [0], [0]
+    counts = {"tokens": 0, "errors": 0, "cancelled": 0}
     lock = threading.Lock()
     stop_at = time.monotonic() + duration_s
 
     def client(index: int) -> None:
         n = 0
         while time.monotonic() < stop_at:
-            request = draft_pb2.GenerateRequest(prompt=PROMPTS[(index + n) % len(PROMPTS)], max_tokens=max_tokens)
+            request, cancel = request_for(index, n, max_tokens), cancel_every and n % cancel_every == cancel_every - 1
             n += 1
             start = time.perf_counter()
+            call = stub.Generate(request, timeout=600)
+            tokens = 0
             try:
-                count = sum(len(chunk.token_ids) for chunk in stub.Generate(request, timeout=300))
-            except grpc.RpcError:
+                for chunk_index, chunk in enumerate(call):
+                    tokens += len(chunk.token_ids)
+                    if cancel and chunk_index == 1:
+                        call.cancel()  # the client walks away mid-stream
+            except grpc.RpcError as exc:
                 with lock:
-                    errors[0] += 1
+                    counts["cancelled" if cancel and exc.code() == grpc.StatusCode.CANCELLED else "errors"] += 1
                 continue
             with lock:
                 latencies.append(time.perf_counter() - start)
-                tokens[0] += count
+                counts["tokens"] += tokens
 
     threads = [threading.Thread(target=client, args=(i,)) for i in range(clients)]
     start = time.monotonic()
@@ -73,14 +92,85 @@ def run_level(address: str, clients: int, duration_s: float, max_tokens: int) ->
         "clients": clients,
         "seconds": round(elapsed, 2),
         "requests": len(latencies),
-        "errors": errors[0],
-        "tokens": tokens[0],
-        "tokens_per_s": round(tokens[0] / elapsed, 2),
+        "cancelled": counts["cancelled"],
+        "errors": counts["errors"],
+        "tokens": counts["tokens"],
+        "tokens_per_s": round(counts["tokens"] / elapsed, 2),
         "requests_per_s": round(len(latencies) / elapsed, 3),
         "latency_s_p50": percentile(latencies, 50),
         "latency_s_p99": percentile(latencies, 99),
         "latency_s_mean": statistics.fmean(latencies) if latencies else None,
     }
+
+
+@dataclass
+class Pair:
+    draft: str  # the draft node's gRPC address
+    memory: Callable[[], dict]  # RSS and the target's live sessions / KV bytes, read now
+
+
+def scrape(port: int, name: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    return next(float(line.split()[-1]) for line in text.splitlines() if line.startswith(name + " "))
+
+
+@contextmanager
+def real_pair(logs: Path | None) -> Iterator[Pair]:
+    """The packaged pair as two CLI processes; memory from /proc and the target's /metrics."""
+    with local_pair(logs=logs, metrics=True) as pair:
+
+        def memory() -> dict:
+            port = pair.metrics_ports["target"]
+            return {
+                "rss_mb": {name: round(rss_mb(pid), 1) for name, pid in pair.pids.items()},
+                "target_sessions_after": int(scrape(port, "specwire_target_active_sessions")),
+                "target_kv_bytes_after": int(scrape(port, "specwire_target_kv_cache_bytes")),
+            }
+
+        yield Pair(pair.draft, memory)
+
+
+@contextmanager
+def in_process_pair(target_model: str | None, draft_model: str | None, most: int) -> Iterator[Pair]:
+    """Both nodes in this process (tiny random models unless given)."""
+    from draft_node.config import DraftConfig
+    from draft_node.server import start_draft
+    from services.model_loading import load_model
+    from target_node.config import TargetConfig
+    from target_node.server import start_target
+
+    with tempfile.TemporaryDirectory() as tmp:
+        if target_model is None:
+            target_model, draft_model = tiny_pair(Path(tmp))
+        target = start_target(
+            TargetConfig(model=target_model, port=0, metrics_port=-1, workers=16, max_sessions=max(64, most)),
+            load_model(target_model),
+        )
+        draft = start_draft(
+            DraftConfig(
+                model=draft_model,
+                target=f"127.0.0.1:{target.port}",
+                port=0,
+                metrics_port=-1,
+                http_port=-1,
+                workers=most + 4,
+            ),
+            load_model(draft_model),
+        )
+
+        def memory() -> dict:
+            sessions = target.node.sessions.snapshot()
+            return {
+                "rss_mb": round(rss_mb(), 1),
+                "target_sessions_after": len(sessions),
+                "target_kv_bytes_after": sum(target.node.backend.session_bytes(s) for s in sessions),
+            }
+
+        try:
+            yield Pair(f"127.0.0.1:{draft.port}", memory)
+        finally:
+            draft.stop(0)
+            target.stop(0)
 
 
 def tiny_pair(directory: Path) -> tuple[str, str]:
@@ -97,51 +187,30 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
     parser.add_argument("--duration", type=float, default=20.0, help="seconds per level")
     parser.add_argument("--max-tokens", type=int, default=32)
-    parser.add_argument("--target-model", help="default: a tiny random model built here")
+    parser.add_argument("--cancel-every", type=int, default=4, help="cancel every n-th request (0: none)")
+    parser.add_argument("--real", action="store_true", help="the packaged pair as two CLI processes")
+    parser.add_argument("--target-model", help="in process; default: a tiny random model built here")
     parser.add_argument("--draft-model")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
-    with tempfile.TemporaryDirectory() as tmp:
-        target_model, draft_model = (
-            (args.target_model, args.draft_model) if args.target_model else tiny_pair(Path(tmp))
-        )
-        most = max(args.clients)
-        target = start_target(
-            TargetConfig(model=target_model, port=0, metrics_port=-1, workers=16, max_sessions=max(64, most)),
-            load_model(target_model),
-        )
-        draft = start_draft(
-            DraftConfig(
-                model=draft_model,
-                target=f"127.0.0.1:{target.port}",
-                port=0,
-                metrics_port=-1,
-                http_port=-1,
-                workers=most + 4,
-            ),
-            load_model(draft_model),
-        )
-        levels = []
-        try:
-            run_level(f"127.0.0.1:{draft.port}", 1, 0.1, 4)  # warm-up
-            baseline_rss = rss_mb()
-            for clients in args.clients:
-                level = run_level(f"127.0.0.1:{draft.port}", clients, args.duration, args.max_tokens)
-                sessions = target.node.sessions.snapshot()
-                level |= {
-                    "rss_mb": round(rss_mb(), 1),
-                    "target_sessions_after": len(sessions),
-                    "target_kv_bytes_after": sum(target.node.backend.session_bytes(s) for s in sessions),
-                }
-                levels.append(level)
-                print(json.dumps(level), flush=True)
-        finally:
-            draft.stop(0)
-            target.stop(0)
+    most = max(args.clients)
+    logs = args.out.parent / (args.out.stem + "-logs") if args.out else None
+    pair_context = real_pair(logs) if args.real else in_process_pair(args.target_model, args.draft_model, most)
+    levels = []
+    with pair_context as pair:
+        run_level(pair.draft, 1, 0.1, 4, 0)  # warm-up
+        baseline = pair.memory()
+        for clients in args.clients:
+            level = run_level(pair.draft, clients, args.duration, args.max_tokens, args.cancel_every)
+            time.sleep(0.5)  # a cancelled generation closes its target session just after the client left
+            level |= pair.memory()
+            levels.append(level)
+            print(json.dumps(level), flush=True)
+    models = ("packaged (CLI processes)",) * 2 if args.real else (args.target_model, args.draft_model)
     report = {
         "command": "python -m benchmarks.load " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "models": {"target": args.target_model or "tiny (built)", "draft": args.draft_model or "tiny (built)"},
-        "baseline_rss_mb": round(baseline_rss, 1),
+        "models": {"target": models[0] or "tiny (built)", "draft": models[1] or "tiny (built)"},
+        "baseline": baseline,
         "levels": levels,
         "total_errors": sum(level["errors"] for level in levels),
     }

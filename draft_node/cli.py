@@ -158,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="draft the next round during each verify (default: the draft node's, off)",
     )
     demo.add_argument("--adaptive", action="store_true", help="choose K/N from measured goodput")
+    demo.add_argument("--http-port", type=int, default=8000, help="the playground page and OpenAI API")
+    demo.add_argument("--serve", action="store_true", help="keep both nodes serving after the demo (Ctrl-C stops)")
     _generate_args(demo)
 
     args, rest = parser.parse_known_args(argv)
@@ -190,12 +192,17 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.pipeline is not None:
             draft_args.append("--pipeline" if args.pipeline else "--no-pipeline")
         print("starting a target and a draft node (the first start assembles the weights)...", file=sys.stderr)
-        with local_pair(["--model", args.target_model], [*draft_args, *(["--adaptive"] if args.adaptive else [])]) as pair:
+        draft_args += ["--adaptive"] if args.adaptive else []
+        with local_pair(["--model", args.target_model], draft_args, http=True, http_port=args.http_port) as pair:
             print(f"target {pair.target}, draft {pair.draft}; node logs in {pair.logs}", file=sys.stderr)
+            print(f"playground: http://127.0.0.1:{pair.http_port}/", file=sys.stderr)
             with grpc.insecure_channel(pair.draft) as channel:
                 _print_summary(
                     stream_generate(draft_pb2_grpc.DraftServiceStub(channel), _request(args.prompt, args))
                 )
+            if args.serve:
+                print(f"serving; open http://127.0.0.1:{pair.http_port}/ (Ctrl-C stops both nodes)", file=sys.stderr)
+                _serve_until_signal(lambda: None)
     return 0
 
 

@@ -117,6 +117,8 @@ class DraftEngine:
             raise InvalidArgument(
                 f"num_speculative_tokens {request.num_speculative_tokens} above the limit 32"
             )
+        if request.num_candidates > 16:
+            raise InvalidArgument(f"num_candidates {request.num_candidates} above the limit 16")
         info = self.target_info(wait_s=min(10.0, self.config.target_timeout_s))
         if len(prompt_ids) > info.limits.max_prompt_tokens:
             raise InvalidArgument(
@@ -125,7 +127,7 @@ class DraftEngine:
         strategy = request.strategy or ("gumbel" if request.temperature > 0 else "deterministic")
         # the text of a seeded request depends on the trie shapes (K, N) except under `gumbel`
         controller = self._controller(
-            request.num_speculative_tokens,
+            request,
             info.limits.max_tree_nodes,
             fixed=request.HasField("seed") and strategy != "gumbel",
         )
@@ -183,11 +185,15 @@ class DraftEngine:
                 self.metrics.tpot_seconds.observe((time.perf_counter() - first_token_at) / (produced - 1))
 
     def _controller(
-        self, requested_k: int, max_tree_nodes: int, fixed: bool
+        self, request: draft_pb2.GenerateRequest, max_tree_nodes: int, fixed: bool
     ) -> FixedController | AdaptiveController:
-        """Fixed K/N when the request names K, is seeded, or adaptation is off; else the shared adaptive one."""
-        n = min(self.config.num_candidates, self.drafter.max_candidates)
-        if requested_k or fixed or not self.config.adaptive:
+        """Nothing drafted for `target_only`; fixed K/N when the request names K or N, when `fixed`,
+        or when adaptation is off; else the shared adaptive one."""
+        if request.target_only:
+            return FixedController(0, 1)
+        requested_k = request.num_speculative_tokens
+        n = min(request.num_candidates or self.config.num_candidates, self.drafter.max_candidates)
+        if requested_k or request.num_candidates or fixed or not self.config.adaptive:
             k = requested_k or self.config.num_speculative_tokens
             return FixedController(max(1, min(k, max_tree_nodes // n)), n)
         with self._controller_lock:
@@ -235,10 +241,16 @@ class DraftEngine:
             token_ids, finish = token_ids[:eos_at], "stop"
         elif at_limit:
             finish = "length"
-        text = detokenizer.add(token_ids, final=bool(finish))
+        # text token by token, so each token carries its share (a split character or a held-back
+        # stop-string prefix lands on the token that completes it)
+        pieces = [detokenizer.add([t], final=bool(finish) and i == len(token_ids) - 1) for i, t in enumerate(token_ids)]
+        if not token_ids:
+            pieces = [detokenizer.add([], final=bool(finish))]
         if detokenizer.stopped:
             finish = "stop"
         stats = None
+        sources: list[int] = [draft_pb2.TOKEN_SOURCE_TARGET] * len(token_ids)
+        logprobs: list[float | None] = [None] * len(token_ids)
         if outcome is not None:
             stats = draft_pb2.RoundStats(
                 round=outcome.round_id,
@@ -248,5 +260,16 @@ class DraftEngine:
                 verify_seconds=outcome.verify_seconds,
                 round_seconds=outcome.round_seconds,
                 pipeline=outcome.pipeline,
+                candidates=[
+                    draft_pb2.CandidateInfo(token_ids=tokens, accepted_length=accepted)
+                    for tokens, accepted in outcome.candidates
+                ],
             )
-        return draft_pb2.GenerateChunk(text=text, token_ids=token_ids, stats=stats, finish_reason=finish)
+            sources, logprobs = outcome.sources[: len(token_ids)], outcome.logprobs[: len(token_ids)]
+        tokens = [
+            draft_pb2.TokenInfo(source=source, text=piece, target_logprob=logprob)
+            for source, piece, logprob in zip(sources, pieces, logprobs, strict=False)
+        ]
+        return draft_pb2.GenerateChunk(
+            text="".join(pieces), token_ids=token_ids, stats=stats, finish_reason=finish, tokens=tokens
+        )

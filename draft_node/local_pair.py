@@ -24,6 +24,8 @@ class LocalPair:
     draft: str  # host:port of the draft's gRPC server
     http_port: int | None  # the draft's OpenAI-compatible API (None: off)
     logs: Path  # target.log and draft.log
+    pids: dict[str, int]  # "target" / "draft" -> process id
+    metrics_ports: dict[str, int]  # "target" / "draft" -> Prometheus port (empty: metrics off)
 
 
 def free_port() -> int:
@@ -67,18 +69,25 @@ def local_pair(
     env: dict[str, str] | None = None,
     start_timeout_s: float = 900.0,
     logs: Path | None = None,
+    metrics: bool = False,
+    http_port: int | None = None,
 ) -> Iterator[LocalPair]:
     """Start `specwire target` and `specwire draft` (extra flags as given) on free loopback ports,
-    wait until both report SERVING, and stop both on exit. Node logs go to `logs` (a temp dir)."""
+    wait until both report SERVING, and stop both on exit. Node logs go to `logs` (a temp dir).
+    With `http`, the draft serves its HTTP API (the playground page) on `http_port` (None: a free one)."""
     logs = logs or Path(tempfile.mkdtemp(prefix="specwire-pair-"))
     logs.mkdir(parents=True, exist_ok=True)
     target_port, draft_port = free_port(), free_port()
-    http_port = free_port() if http else None
+    http_port = (http_port or free_port()) if http else None
+    metrics_ports = {"target": free_port(), "draft": free_port()} if metrics else {}
     cli = [sys.executable, "-m", "draft_node.cli"]
     commands = {
-        "target": [*cli, "target", "--port", str(target_port), "--metrics-port", "-1", *target_args],
+        "target": [
+            *cli, "target", "--port", str(target_port), "--metrics-port", str(metrics_ports.get("target", -1)),
+            *target_args,
+        ],
         "draft": [
-            *cli, "draft", "--port", str(draft_port), "--metrics-port", "-1",
+            *cli, "draft", "--port", str(draft_port), "--metrics-port", str(metrics_ports.get("draft", -1)),
             "--http-port", str(http_port if http else -1),
             "--target", f"127.0.0.1:{target_port}", *draft_args,
         ],
@@ -92,7 +101,14 @@ def local_pair(
                 )
         for name, port in (("target", target_port), ("draft", draft_port)):
             _wait_serving(f"127.0.0.1:{port}", processes[name], logs / f"{name}.log", start_timeout_s)
-        yield LocalPair(f"127.0.0.1:{target_port}", f"127.0.0.1:{draft_port}", http_port, logs)
+        yield LocalPair(
+            f"127.0.0.1:{target_port}",
+            f"127.0.0.1:{draft_port}",
+            http_port,
+            logs,
+            {name: process.pid for name, process in processes.items()},
+            metrics_ports,
+        )
     finally:
         for process in processes.values():
             _stop(process)

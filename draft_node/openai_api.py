@@ -1,20 +1,27 @@
 """OpenAI-compatible HTTP API on the draft node: /v1/completions, /v1/chat/completions (SSE
-streaming), /v1/models, /health. Requests are served by the same DraftEngine as gRPC Generate."""
+streaming), /v1/models, /health, and the playground page at /. Requests are served by the same
+DraftEngine as gRPC Generate. Streamed chunks carry a `specwire` field (ignored by standard
+clients): each token's provenance, text and target logprob, and the round that produced it."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import itertools
 import json
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.staticfiles import StaticFiles
 from pydantic import AfterValidator, BaseModel, Field
 
 from draft_node.engine import DraftEngine
@@ -34,6 +41,7 @@ HTTP_STATUS = {
 }
 
 
+PLAYGROUND = Path(__file__).parent / "playground"  # the page served at / (plain HTML, CSS, JS modules)
 INT32_MAX, INT64_MAX = 2**31 - 1, 2**63 - 1  # the protobuf fields these numbers travel in
 
 
@@ -59,6 +67,11 @@ class SamplingFields(BaseModel):
     seed: int | None = Field(None, ge=0, le=INT64_MAX)
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request
+    # specwire extensions (OpenAI clients send them with `extra_body`)
+    num_speculative_tokens: int = Field(0, ge=0, le=32)  # K; 0: the node's default
+    num_candidates: int = Field(0, ge=0, le=16)  # N; 0: the node's default
+    strategy: Text = Field("", max_length=64)  # empty: deterministic (greedy) / gumbel (sampling)
+    target_only: bool = False  # draft nothing: the target alone, to compare
 
     def generate_request(self, **extra: Any) -> draft_pb2.GenerateRequest:
         stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -68,6 +81,10 @@ class SamplingFields(BaseModel):
             top_p=self.top_p,
             top_k=self.top_k,
             stop=stop,
+            num_speculative_tokens=self.num_speculative_tokens,
+            num_candidates=self.num_candidates,
+            strategy=self.strategy,
+            target_only=self.target_only,
             **extra,
         )
         if self.seed is not None:
@@ -94,6 +111,84 @@ def error_response(status: int, message: str, kind: str = "invalid_request_error
 
 def _sse(payload: dict | str) -> str:
     return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
+
+
+SOURCE_NAMES = {
+    draft_pb2.TOKEN_SOURCE_ACCEPTED: "accepted",
+    draft_pb2.TOKEN_SOURCE_RECOVERED: "recovered",
+    draft_pb2.TOKEN_SOURCE_BONUS: "bonus",
+    draft_pb2.TOKEN_SOURCE_TARGET: "target",
+}
+
+
+def chunk_extension(chunk: draft_pb2.GenerateChunk, token_text: Callable[[int], str]) -> dict:
+    """The `specwire` field of a streamed chunk (standard clients ignore it): each token with where
+    it came from, its text and the target's logprob; and the round that produced it."""
+    tokens = [
+        {
+            "id": token_id,
+            "text": info.text,
+            "source": SOURCE_NAMES.get(info.source, "unknown"),
+            "logprob": info.target_logprob if info.HasField("target_logprob") else None,
+        }
+        for token_id, info in zip(chunk.token_ids, chunk.tokens, strict=False)
+    ]
+    extension: dict[str, Any] = {"tokens": tokens}
+    if chunk.HasField("stats"):
+        stats = chunk.stats
+        extension["round"] = {
+            "round": stats.round,
+            "drafted": stats.drafted_tokens,
+            "accepted": stats.accepted_tokens,
+            "draft_s": stats.draft_seconds,
+            "verify_s": stats.verify_seconds,
+            "network_s": max(0.0, stats.round_seconds - stats.draft_seconds - stats.verify_seconds),
+            "round_s": stats.round_seconds,
+            "pipeline": stats.pipeline,
+            "candidates": [
+                {"tokens": [token_text(t) for t in c.token_ids], "accepted": c.accepted_length}
+                for c in stats.candidates
+            ],
+        }
+    return extension
+
+
+async def stream_on_thread(iterator: Generator[str, None, None]) -> AsyncIterator[str]:
+    """Drive a blocking iterator from a worker thread. When the client goes away (this generator is
+    cancelled), the worker stops after the item in progress and closes the iterator itself, which
+    ends the generation and frees its target session at once, not whenever it is garbage-collected."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[str | None] = asyncio.Queue()
+    gone = threading.Event()
+
+    def put(item: str | None) -> None:
+        with contextlib.suppress(RuntimeError):  # the event loop is already closed
+            loop.call_soon_threadsafe(queue.put_nowait, item)
+
+    def pump() -> None:
+        try:
+            for item in iterator:
+                if gone.is_set():
+                    break
+                put(item)
+        finally:
+            iterator.close()  # on the thread that ran it
+            put(None)
+
+    threading.Thread(target=pump, name="sse-stream", daemon=True).start()
+    try:
+        while (item := await queue.get()) is not None:
+            yield item
+    finally:
+        gone.set()
+
+
+def stream_error(exc: SpecwireError | grpc.RpcError) -> tuple[int, str, str]:
+    """HTTP status, message and error type of a failure (a response, or an event mid-stream)."""
+    if isinstance(exc, SpecwireError):
+        return HTTP_STATUS.get(exc.code, 500), str(exc), "invalid_request_error"
+    code, details = rpc_status(exc)
+    return HTTP_STATUS.get(code, 502), f"target: {details}", "upstream_error"
 
 
 def create_app(
@@ -123,12 +218,18 @@ def create_app(
 
     @app.exception_handler(SpecwireError)
     async def specwire_error(request: Request, exc: SpecwireError) -> JSONResponse:
-        return error_response(HTTP_STATUS.get(exc.code, 500), str(exc))
+        return error_response(*stream_error(exc))
 
     @app.exception_handler(grpc.RpcError)
     async def upstream_error(request: Request, exc: grpc.RpcError) -> JSONResponse:
-        code, details = rpc_status(exc)
-        return error_response(HTTP_STATUS.get(code, 502), f"target: {details}", "upstream_error")
+        return error_response(*stream_error(exc))
+
+    @app.get("/", include_in_schema=False)
+    def playground() -> FileResponse:
+        """The playground page (no API key needed to load it; it asks for one and sends it)."""
+        return FileResponse(PLAYGROUND / "index.html")
+
+    app.mount("/playground", StaticFiles(directory=PLAYGROUND), name="playground")
 
     @app.get("/health")
     def health() -> JSONResponse:
@@ -144,6 +245,9 @@ def create_app(
             "object": "list",
             "data": [{"id": model_name(), "object": "model", "created": 0, "owned_by": "specwire"}],
         }
+
+    def token_text(token_id: int) -> str:
+        return engine.tokenizer.decode([token_id])
 
     def respond(body: SamplingFields, prompt_ids: list[int], chat: bool) -> Any:
         if body.model not in (None, model_name()):
@@ -191,25 +295,33 @@ def create_app(
                         ],
                     }
                 )
-            for chunk in (first, *chunks):
-                finish = chunk.finish_reason or None
-                choice = (
-                    {"index": 0, "delta": {"content": chunk.text}, "finish_reason": finish}
-                    if chat
-                    else {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
-                )
-                yield _sse(
-                    {
-                        "id": rid,
-                        "object": kind_chunk,
-                        "created": created,
-                        "model": model_name(),
-                        "choices": [choice],
-                    }
-                )
+            try:
+                for chunk in itertools.chain([first], chunks):
+                    finish = chunk.finish_reason or None
+                    choice = (
+                        {"index": 0, "delta": {"content": chunk.text}, "finish_reason": finish}
+                        if chat
+                        else {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
+                    )
+                    yield _sse(
+                        {
+                            "id": rid,
+                            "object": kind_chunk,
+                            "created": created,
+                            "model": model_name(),
+                            "choices": [choice],
+                            "specwire": chunk_extension(chunk, token_text),
+                        }
+                    )
+            except (SpecwireError, grpc.RpcError) as exc:  # after the 200: an error event, as OpenAI sends
+                status, message, kind_name = stream_error(exc)
+                yield _sse({"error": {"message": message, "type": kind_name, "code": status}})
+                return
+            finally:
+                chunks.close()  # a client that went away stops the generation and frees its session
             yield _sse("[DONE]")
 
-        return StreamingResponse(events(), media_type="text/event-stream")
+        return StreamingResponse(stream_on_thread(events()), media_type="text/event-stream")
 
     @app.post("/v1/completions")
     def completions(body: CompletionRequest) -> Any:

@@ -13,12 +13,12 @@ import itertools
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from draft_node.proposers.base import Proposer
 from services.candidate_tree import ROOT, CandidateTree
-from services.rpc.specwire.v1 import target_pb2
+from services.rpc.specwire.v1 import draft_pb2, target_pb2
 
 
 class Controller(Protocol):
@@ -42,6 +42,9 @@ class RoundOutcome:
     verify_seconds: float  # target-side forward + decision
     round_seconds: float  # wall clock of the whole round (draft + network + verify)
     pipeline: str = ""  # "hit" / "miss" when the previous round drafted ahead, else ""
+    sources: list[int] = field(default_factory=list)  # draft_pb2.TokenSource of each committed token
+    logprobs: list[float | None] = field(default_factory=list)  # the target's, per committed token
+    candidates: list[tuple[list[int], int]] = field(default_factory=list)  # (tokens, accepted), best first
 
 
 @dataclass
@@ -68,6 +71,23 @@ def use_ahead(
             assumed = context + [tree.token_ids[i] for i in path] + [token]
             return DraftAhead(assumed, ahead.subtree(node))
     return None
+
+
+def committed_provenance(
+    tree: CandidateTree, result: target_pb2.VerifyResponse
+) -> tuple[list[int], list[float | None]]:
+    """Source and target logprob of each token a round commits: accepted draft tokens, then the
+    target's bonus token, correction, or (nothing drafted) its own token."""
+    if not len(tree):
+        last = draft_pb2.TOKEN_SOURCE_TARGET
+    else:
+        last = draft_pb2.TOKEN_SOURCE_BONUS if result.next_is_bonus else draft_pb2.TOKEN_SOURCE_RECOVERED
+    sources = [draft_pb2.TOKEN_SOURCE_ACCEPTED] * len(result.accepted_token_ids) + [last]
+    next_logprob = result.next_token_logprob if result.HasField("next_token_logprob") else None
+    logprobs = [*result.accepted_logprobs, next_logprob]
+    if len(logprobs) != len(sources):  # a target that does not report per-token logprobs
+        logprobs = [None] * len(sources)
+    return sources, logprobs
 
 
 def speculative_rounds(
@@ -117,6 +137,7 @@ def speculative_rounds(
             drafted_ahead = ahead is not None
             context += committed
             produced += len(committed)
+            sources, logprobs = committed_provenance(tree, result)
             yield RoundOutcome(
                 round_id=round_id,
                 token_ids=committed,
@@ -127,4 +148,10 @@ def speculative_rounds(
                 verify_seconds=result.verify_seconds,
                 round_seconds=round_seconds,
                 pipeline=status,
+                sources=sources[: len(committed)],
+                logprobs=logprobs[: len(committed)],
+                candidates=[
+                    ([tree.token_ids[n] for n in tree.path_to(c.leaf_node_id)], c.accepted_length)
+                    for c in result.candidates
+                ],
             )

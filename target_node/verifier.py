@@ -183,6 +183,8 @@ class Verifier:
                 verify_seconds=elapsed,
                 candidates=candidate_results(tree, result),
                 batch_size=result.batch_size,
+                accepted_logprobs=[result.node_logprobs[n] for n in decision.accepted_nodes],
+                next_token_logprob=result.next_logprob,
             )
 
     def verify_or_rebuild(

@@ -58,29 +58,29 @@ def summary(stderr: str) -> dict[str, str]:
     return dict(item.split("=", 1) for item in line.split())
 
 
-def test_demo_runs_a_pair_on_loopback(tiny):
-    result = subprocess.run(
-        [
-            *CLI,
-            "demo",
-            "def add(a, b):",
-            "--target-model",
-            tiny.target,
-            "--draft-model",
-            tiny.draft_noisy,
-            "--max-tokens",
-            "12",
-            "--raw",
-            "-k",
-            "3",
-        ],
-        capture_output=True,
+def test_demo_runs_a_pair_on_loopback_then_serves_the_playground(tiny):
+    http_port = free_port()
+    demo = subprocess.Popen(
+        [*CLI, "demo", "def add(a, b):", "--target-model", tiny.target, "--draft-model", tiny.draft_noisy,
+         "--max-tokens", "12", "--raw", "-k", "3", "--http-port", str(http_port), "--serve"],
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
         text=True,
-        timeout=120,
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
-    )
-    assert result.returncode == 0, result.stderr
-    stats = summary(result.stderr)
+    )  # fmt: skip
+    lines = []
+    try:
+        deadline = time.monotonic() + 120
+        while not any(line.startswith("serving;") for line in lines) and time.monotonic() < deadline:
+            lines.append(demo.stderr.readline())
+        assert f"playground: http://127.0.0.1:{http_port}/\n" in lines, lines
+        page = urllib.request.urlopen(f"http://127.0.0.1:{http_port}/", timeout=10).read().decode()
+        assert "<title>specwire playground</title>" in page
+    finally:
+        demo.send_signal(signal.SIGINT)
+        demo.wait(60)
+    assert demo.returncode == 0
+    stats = summary("".join(lines))
     assert stats["tokens"] == "12" or stats["finish_reason"] == "stop"
     assert 0 < float(stats["acceptance_rate"]) <= 1  # the noisy draft agrees with the target often
     assert int(stats["rounds"]) >= 1

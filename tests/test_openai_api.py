@@ -197,3 +197,64 @@ def test_fuzzed_requests_never_get_5xx(api):
 
     check()
     assert client.completions.create(model="target", prompt="still up", max_tokens=2).choices[0].text is not None
+
+
+def sse_chunks(base: str, path: str, body: dict) -> list[dict]:
+    with httpx.stream("POST", base + path, json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200
+        events = [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+    assert events[-1] == "[DONE]"
+    return [json.loads(event) for event in events[:-1]]
+
+
+def test_stream_chunks_carry_provenance_and_rounds(api, target_model):
+    """The `specwire` field: every token with its source, text and target logprob; the round with
+    its timings and the candidates tried. Standard clients (above) ignore it."""
+    _, base, client = api
+    body = {"prompt": "def add(a, b):", "max_tokens": 30, "temperature": 0, "num_speculative_tokens": 3}
+    chunks = sse_chunks(base, "/v1/completions", body)
+    tokens = [t for c in chunks for t in c["specwire"]["tokens"]]
+    assert "".join(t["text"] for t in tokens) == "".join(c["choices"][0]["text"] for c in chunks)
+    assert tokens[0]["source"] == "target" and tokens[0]["logprob"] is None  # the token after the prompt
+    assert {t["source"] for t in tokens[1:]} <= {"accepted", "recovered", "bonus"}
+    assert {"accepted", "recovered"} <= {t["source"] for t in tokens}  # the noisy draft is right and wrong
+    assert all(t["logprob"] <= 0 for t in tokens[1:])
+    rounds = [c["specwire"]["round"] for c in chunks if "round" in c["specwire"]]
+    for chunk in chunks:
+        if "round" not in chunk["specwire"]:
+            continue
+        round_, sources = chunk["specwire"]["round"], [t["source"] for t in chunk["specwire"]["tokens"]]
+        assert sources.count("accepted") == round_["accepted"] <= round_["drafted"] <= 3
+        assert round_["candidates"][0]["accepted"] == round_["accepted"]
+        assert len(round_["candidates"][0]["tokens"]) == round_["drafted"]
+        assert round_["round_s"] >= round_["draft_s"] >= 0 and round_["network_s"] >= 0
+    assert [r["round"] for r in rounds] == list(range(len(rounds)))
+    alone = sse_chunks(base, "/v1/completions", {**body, "target_only": True})
+    assert {t["source"] for c in alone for t in c["specwire"]["tokens"]} == {"target"}
+    assert all(c["specwire"]["round"]["drafted"] == 0 for c in alone if "round" in c["specwire"])
+    assert "".join(c["choices"][0]["text"] for c in alone) == "".join(t["text"] for t in tokens)
+    with pytest.raises(openai.BadRequestError):
+        client.completions.create(model="target", prompt="x", extra_body={"num_candidates": 17})
+
+
+def test_error_mid_stream_is_an_error_event(tiny, pair_factory):
+    """A failure after the 200 was sent arrives as an `error` event with the node's message."""
+    pair = pair_factory(tiny.draft_noisy, retry_deadline_s=0.5)
+    base = f"http://127.0.0.1:{pair.draft.http_port}"
+    original, rounds = pair.target.node.verify, {"n": 0}
+
+    def failing(request, *owner):
+        rounds["n"] += 1
+        if rounds["n"] >= 3:
+            from services.errors import SpecwireError
+            raise SpecwireError("the target is overloaded")  # INTERNAL, not retried by the draft
+        return original(request, *owner)
+
+    pair.target.node.verify = failing
+    with httpx.stream(
+        "POST", base + "/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 40, "temperature": 0, "stream": True}
+    ) as response:
+        assert response.status_code == 200
+        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
+    assert events[-1]["error"]["code"] >= 500 and "target" in events[-1]["error"]["message"]
+    assert "choices" in events[0]

@@ -16,6 +16,7 @@ class RoundResult:
     decision: Decision
     node_logprobs: list[float]  # target logprob (temperature 1) of every node's token
     batch_size: int  # verify requests that shared the forward pass
+    next_logprob: float | None = None  # target logprob (temperature 1) of the next token, where known
 
 
 class VerifyBackend(ABC):

@@ -116,7 +116,9 @@ class HFBackend(VerifyBackend):
         except BaseException:
             truncate_kv(session.cache, prefix)  # leave the session as it was before the round
             raise
-        return RoundResult(decision, node_logprobs(logits, tree).tolist(), batch_size)
+        end_row = decision.accepted_nodes[-1] + 1 if decision.accepted_nodes else 0
+        next_logprob = float(logits[end_row].float().log_softmax(-1)[decision.next_token])
+        return RoundResult(decision, node_logprobs(logits, tree).tolist(), batch_size, next_logprob)
 
     @torch.inference_mode()
     def update_inference_inputs(self, cache: DynamicCache, kept: int, accepted_nodes: list[int]) -> None:

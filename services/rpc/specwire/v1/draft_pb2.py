@@ -24,19 +24,25 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specwire/v1/draft.proto\x12\x0bspecwire.v1\"\xe1\x01\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x1b\n\x13\x61pply_chat_template\x18\x03 \x01(\x08\x12\x1e\n\x16num_speculative_tokens\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08strategy\x18\n \x01(\tB\x07\n\x05_seed\"\xa4\x01\n\nRoundStats\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x15\n\rdraft_seconds\x18\x04 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x05 \x01(\x01\x12\x15\n\rround_seconds\x18\x06 \x01(\x01\x12\x10\n\x08pipeline\x18\x07 \x01(\t\"o\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12&\n\x05stats\x18\x03 \x01(\x0b\x32\x17.specwire.v1.RoundStats\x12\x15\n\rfinish_reason\x18\x04 \x01(\t2V\n\x0c\x44raftService\x12\x46\n\x08Generate\x12\x1c.specwire.v1.GenerateRequest\x1a\x1a.specwire.v1.GenerateChunk0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17specwire/v1/draft.proto\x12\x0bspecwire.v1\"\x8e\x02\n\x0fGenerateRequest\x12\x0e\n\x06prompt\x18\x01 \x01(\t\x12\x12\n\nmax_tokens\x18\x02 \x01(\r\x12\x1b\n\x13\x61pply_chat_template\x18\x03 \x01(\x08\x12\x1e\n\x16num_speculative_tokens\x18\x04 \x01(\r\x12\x0c\n\x04stop\x18\x05 \x03(\t\x12\x13\n\x0btemperature\x18\x06 \x01(\x02\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\r\n\x05top_k\x18\x08 \x01(\r\x12\x11\n\x04seed\x18\t \x01(\x04H\x00\x88\x01\x01\x12\x10\n\x08strategy\x18\n \x01(\t\x12\x16\n\x0enum_candidates\x18\x0b \x01(\r\x12\x13\n\x0btarget_only\x18\x0c \x01(\x08\x42\x07\n\x05_seed\"s\n\tTokenInfo\x12(\n\x06source\x18\x01 \x01(\x0e\x32\x18.specwire.v1.TokenSource\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x1b\n\x0etarget_logprob\x18\x03 \x01(\x02H\x00\x88\x01\x01\x42\x11\n\x0f_target_logprob\";\n\rCandidateInfo\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_length\x18\x02 \x01(\r\"\xd4\x01\n\nRoundStats\x12\r\n\x05round\x18\x01 \x01(\x04\x12\x16\n\x0e\x64rafted_tokens\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x03 \x01(\r\x12\x15\n\rdraft_seconds\x18\x04 \x01(\x01\x12\x16\n\x0everify_seconds\x18\x05 \x01(\x01\x12\x15\n\rround_seconds\x18\x06 \x01(\x01\x12\x10\n\x08pipeline\x18\x07 \x01(\t\x12.\n\ncandidates\x18\x08 \x03(\x0b\x32\x1a.specwire.v1.CandidateInfo\"\x97\x01\n\rGenerateChunk\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12&\n\x05stats\x18\x03 \x01(\x0b\x32\x17.specwire.v1.RoundStats\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12&\n\x06tokens\x18\x05 \x03(\x0b\x32\x16.specwire.v1.TokenInfo*\x93\x01\n\x0bTokenSource\x12\x1c\n\x18TOKEN_SOURCE_UNSPECIFIED\x10\x00\x12\x19\n\x15TOKEN_SOURCE_ACCEPTED\x10\x01\x12\x1a\n\x16TOKEN_SOURCE_RECOVERED\x10\x02\x12\x16\n\x12TOKEN_SOURCE_BONUS\x10\x03\x12\x17\n\x13TOKEN_SOURCE_TARGET\x10\x04\x32V\n\x0c\x44raftService\x12\x46\n\x08Generate\x12\x1c.specwire.v1.GenerateRequest\x1a\x1a.specwire.v1.GenerateChunk0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'specwire.v1.draft_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_TOKENSOURCE']._serialized_start=861
+  _globals['_TOKENSOURCE']._serialized_end=1008
   _globals['_GENERATEREQUEST']._serialized_start=41
-  _globals['_GENERATEREQUEST']._serialized_end=266
-  _globals['_ROUNDSTATS']._serialized_start=269
-  _globals['_ROUNDSTATS']._serialized_end=433
-  _globals['_GENERATECHUNK']._serialized_start=435
-  _globals['_GENERATECHUNK']._serialized_end=546
-  _globals['_DRAFTSERVICE']._serialized_start=548
-  _globals['_DRAFTSERVICE']._serialized_end=634
+  _globals['_GENERATEREQUEST']._serialized_end=311
+  _globals['_TOKENINFO']._serialized_start=313
+  _globals['_TOKENINFO']._serialized_end=428
+  _globals['_CANDIDATEINFO']._serialized_start=430
+  _globals['_CANDIDATEINFO']._serialized_end=489
+  _globals['_ROUNDSTATS']._serialized_start=492
+  _globals['_ROUNDSTATS']._serialized_end=704
+  _globals['_GENERATECHUNK']._serialized_start=707
+  _globals['_GENERATECHUNK']._serialized_end=858
+  _globals['_DRAFTSERVICE']._serialized_start=1010
+  _globals['_DRAFTSERVICE']._serialized_end=1096
 # @@protoc_insertion_point(module_scope)
