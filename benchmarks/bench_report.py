@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+import json
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
 
 from benchmarks.bench_data import Sample
 from benchmarks.bench_runners import Generation
+
+
+def save_json(path: Path | None, report: dict) -> None:
+    """Write a benchmark's report (nothing when no path was given)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(report, indent=2))
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_data import load_samples
+from benchmarks.bench_report import save_json
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
 from target_node.config import TargetConfig
@@ -101,9 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "results": results,
     }
     print(json.dumps({key: value for key, value in report.items() if key != "results"}, indent=2))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    save_json(args.out, report)
     return report
 
 

@@ -10,7 +10,6 @@ moves a 4-token path in 28 layers x (K, V) of [1, 2, 1025 + nodes, 128], the 1.5
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_report import save_json
 from services.candidate_tree import CandidateTree
 from target_node.kernels import TorchKernels, load_kernels, pack_draft_q, pack_trees
 
@@ -94,9 +94,7 @@ def main() -> None:
         "backends": list(backends),
         "results": rows,
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    save_json(args.out, report)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import grpc
 
-from benchmarks.bench_report import percentile
+from benchmarks.bench_report import percentile, save_json
 from draft_node.local_pair import local_pair
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
 
@@ -214,9 +214,7 @@ def main(argv: list[str] | None = None) -> dict:
         "levels": levels,
         "total_errors": sum(level["errors"] for level in levels),
     }
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(report, indent=2))
+    save_json(args.out, report)
     return report
 
 

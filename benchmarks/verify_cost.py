@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bench_report import save_json
 from services.candidate_tree import CandidateTree
 from services.kv_cache import truncate_kv
 from services.model_loading import load_model
@@ -120,9 +121,7 @@ def main() -> None:
         ),
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rows"}, indent=1))
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps(result, indent=1))
+    save_json(args.out, result)
     verifier.stop()
 
 

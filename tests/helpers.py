@@ -6,7 +6,8 @@ import torch
 
 from draft_node.proposers import eos_token_ids
 from services.model_loading import LoadedModel
-from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
+from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc, target_pb2
+from target_node.verifier import Verifier
 
 
 def target_only_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
@@ -32,3 +33,16 @@ def collect(
     """Run one Generate call; return all token ids and the chunks."""
     chunks = list(stub.Generate(draft_pb2.GenerateRequest(**request)))
     return [t for c in chunks for t in c.token_ids], chunks
+
+
+def forget_sessions_at(verifier: Verifier, rounds: set[int]) -> None:
+    """Make the target "restart" (drop every session) just before its n-th verify, for n in `rounds`."""
+    original, count = verifier.verify, [0]
+
+    def forgetful(request: target_pb2.VerifyRequest, *owner: str) -> target_pb2.VerifyResponse:
+        count[0] += 1
+        if count[0] in rounds:
+            verifier.sessions.stop()
+        return original(request, *owner)
+
+    verifier.verify = forgetful  # type: ignore[method-assign]

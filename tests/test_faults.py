@@ -13,7 +13,7 @@ from draft_node.config import DraftConfig
 from draft_node.server import start_draft
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
-from tests.helpers import collect, target_only_greedy
+from tests.helpers import collect, forget_sessions_at, target_only_greedy
 from tests.test_cli import free_port, wait_serving
 
 PROMPT = "def add(a, b):"
@@ -21,17 +21,7 @@ PROMPT = "def add(a, b):"
 
 def test_session_lost_on_the_target_is_resumed(tiny, target_model, pair_factory):
     pair = pair_factory(tiny.draft_noisy)
-    verifier = pair.target.node
-    original = verifier.verify
-    rounds = {"n": 0}
-
-    def forgetful(request, *owner):
-        rounds["n"] += 1
-        if rounds["n"] in (3, 7):  # the target "restarts": every session is gone
-            verifier.sessions.stop()
-        return original(request, *owner)
-
-    verifier.verify = forgetful
+    forget_sessions_at(pair.target.node, {3, 7})
     tokens, _ = collect(pair.draft_stub, prompt=PROMPT, max_tokens=60, num_speculative_tokens=3)
     assert tokens == target_only_greedy(target_model, target_model.tokenizer.encode(PROMPT), 60)
     assert pair.draft.node.metrics.target_resumes._value.get() == 2

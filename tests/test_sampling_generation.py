@@ -11,7 +11,7 @@ import torch
 from draft_node.proposers.base import DraftNoise, draft_sampling, draft_token
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 from services.sampling import target_probs
-from tests.helpers import collect
+from tests.helpers import collect, forget_sessions_at
 
 
 def test_draft_token_reports_the_distribution_it_sampled_from():
@@ -123,14 +123,6 @@ def test_seeded_text_is_the_targets_own_whatever_k_draft_pipelining_batching_or_
     with ThreadPoolExecutor(4) as pool:  # batched with each other on the target
         runs = list(pool.map(lambda k: collect(pipelined.draft_stub, num_speculative_tokens=k, **request)[0], [2, 3, 4, 3]))
     assert runs == [reference] * 4
-    verifier, original, rounds = pipelined.target.node, pipelined.target.node.verify, {"n": 0}
-
-    def forgetful(verify_request, *owner):
-        rounds["n"] += 1
-        if rounds["n"] in (2, 4):  # the target "restarts": every session is gone
-            verifier.sessions.stop()
-        return original(verify_request, *owner)
-
-    verifier.verify = forgetful
+    forget_sessions_at(pipelined.target.node, {2, 4})
     assert collect(pipelined.draft_stub, num_speculative_tokens=3, **request)[0] == reference
     assert pipelined.draft.node.metrics.target_resumes._value.get() == 2
