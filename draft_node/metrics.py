@@ -10,7 +10,9 @@ PHASES = ("draft", "network", "verify")
 
 
 class DraftMetrics:
-    def __init__(self, registry: CollectorRegistry) -> None:
+    def __init__(self, registry: CollectorRegistry, positions: int = 0) -> None:
+        """`positions`: draft positions (1..K) whose counters exist at 0 from the start, so that
+        Prometheus' rate() sees their first increments (a series born at 1 shows no increase)."""
         self.registry = registry
         self.rounds = Counter("specwire_draft_rounds_total", "Speculative rounds", registry=registry)
         self.drafted_tokens = Counter(
@@ -96,3 +98,6 @@ class DraftMetrics:
         for phase in PHASES:
             self.round_phase_seconds.labels(phase)
         self.requests.labels("ok")
+        for position in range(1, positions + 1):
+            self.drafted_by_position.labels(str(position))
+            self.accepted_by_position.labels(str(position))

@@ -47,7 +47,7 @@ def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> Runni
     """Load the draft model (unless given), check the target's tokenizer, and start serving."""
     drafter = load_drafter(config, loaded)
     target = connect_target(config)
-    metrics = DraftMetrics(CollectorRegistry())
+    metrics = DraftMetrics(CollectorRegistry(), positions=config.num_speculative_tokens)
     engine = DraftEngine(drafter, target, config, metrics)
     try:
         check_target(engine)

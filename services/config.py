@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Self
@@ -9,7 +10,8 @@ from typing import Self
 from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from services.model_loading import DEFAULT_CACHE_DIR
+# Here rather than in model_loading: a health check imports the configs and must not import torch.
+DEFAULT_CACHE_DIR = Path(os.environ.get("SPECWIRE_CACHE_DIR", Path.home() / ".cache" / "specwire"))
 
 
 class NodeConfig(BaseSettings):

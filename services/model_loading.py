@@ -18,9 +18,10 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from services.config import DEFAULT_CACHE_DIR
+
 log = logging.getLogger(__name__)
 
-DEFAULT_CACHE_DIR = Path(os.environ.get("SPECWIRE_CACHE_DIR", Path.home() / ".cache" / "specwire"))
 
 
 @dataclass(frozen=True)

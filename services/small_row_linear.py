@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import importlib.util
 import logging
+import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -40,6 +42,8 @@ def cpu_extension() -> ModuleType | None:
     from torch.utils.cpp_extension import load
 
     name = f"specwire_small_row_linear_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}"
+    if shutil.which("c++") is None and (prebuilt := _prebuilt_extension(name)) is not None:
+        return prebuilt
     try:
         return load(
             name=name,
@@ -51,6 +55,20 @@ def cpu_extension() -> ModuleType | None:
     except Exception as exc:  # no compiler or headers: the torch fallback still works
         log.warning("small-row linear kernel not built (%s); using torch's weight-stationary product", exc)
         return None
+
+
+def _prebuilt_extension(name: str) -> ModuleType | None:
+    """The kernel an image built earlier (deploy/Dockerfile's build stage), imported without the
+    compiler that torch's `load` wants even for an up-to-date build: runtime images carry none."""
+    from torch.utils.cpp_extension import _get_build_directory
+
+    path = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
+    spec = importlib.util.spec_from_file_location(name, path) if path.exists() else None
+    if spec is None or spec.loader is None:
+        return None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def weight_stationary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

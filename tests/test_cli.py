@@ -166,3 +166,13 @@ def test_target_draft_generate_as_separate_processes(tiny):
             process.send_signal(signal.SIGTERM)
         for process in (draft, target):
             assert process.wait(timeout=30) == 0, process.stderr.read()
+
+
+def test_health_check_does_not_import_torch():
+    """Compose runs `specwire health` every few seconds beside the nodes: it must stay light."""
+    code = (
+        "import sys; from draft_node import cli; "
+        "assert cli.main(['health', '127.0.0.1:1', '--timeout', '0.2']) == 1; "
+        "heavy = sorted({'torch', 'transformers'} & set(sys.modules)); assert not heavy, heavy"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)

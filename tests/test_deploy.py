@@ -52,6 +52,9 @@ def test_compose_file_is_valid():
         assert "specwire" in config["services"][node]["healthcheck"]["test"]
         assert any(v["target"] == "/models" for v in config["services"][node]["volumes"])
     assert config["services"]["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
+    assert config["services"]["grafana"]["profiles"] == ["grafana"]  # on by default through .env
+    published = {p["published"] for p in config["services"]["draft"]["ports"]}
+    assert "8000" in published, "the OpenAI API and playground must reach the host"
 
 
 def test_compose_validation_rejects_a_broken_file(tmp_path):

@@ -160,3 +160,15 @@ def test_cancelled_generation_frees_its_target_session(pair_factory, tiny):
     assert registry.get_sample_value("specwire_draft_requests_total", {"status": "cancelled"}) == 1
     tokens, _ = collect(pair.draft_stub, prompt="still serving", max_tokens=5)
     assert len(tokens) == 5
+
+
+def test_per_position_counters_exist_at_zero_before_any_round(pair_factory, tiny):
+    """Prometheus' rate() misses the first increment of a series born at 1: the dashboards'
+    acceptance-by-position panel stayed empty after a short generation (found by tests/test_compose.py)."""
+    pair = pair_factory(tiny.draft_noisy)
+    registry = pair.draft.node.metrics.registry
+    k = pair.draft.node.config.num_speculative_tokens
+    for position in range(1, k + 1):
+        for name in ("drafted", "accepted"):
+            sample = f"specwire_draft_{name}_tokens_by_position_total"
+            assert registry.get_sample_value(sample, {"position": str(position)}) == 0

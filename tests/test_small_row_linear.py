@@ -25,6 +25,19 @@ ROWS = list(range(1, 65))
 
 
 @needs_kernel
+def test_prebuilt_kernel_loads_without_a_compiler(monkeypatch):
+    """Runtime images carry no compiler: the kernel their build stage made must still load."""
+    import services.small_row_linear as srl
+
+    monkeypatch.setattr(srl.shutil, "which", lambda name: None)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **_: pytest.fail("torch's builder was called"))
+    module = cpu_extension.__wrapped__()
+    assert module is not None and module.__file__.endswith(".so")
+    weight, x = torch.randn(64, 32), torch.randn(3, 32)
+    torch.testing.assert_close(module.small_row_linear(x, weight, None), F.linear(x, weight))
+
+
+@needs_kernel
 @pytest.mark.parametrize("shape", [(300, 200), (257, 1536), (64, 13)])  # K not a multiple of 8: the tail
 def test_kernel_equals_f_linear_for_rows_1_to_64(shape):
     gen = torch.Generator().manual_seed(0)
