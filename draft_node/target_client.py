@@ -23,6 +23,7 @@ from services.rpc.specwire.v1 import target_pb2, target_pb2_grpc
 from services.security import auth_metadata, channel_credentials
 
 T = TypeVar("T")
+RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 class TargetSession:
@@ -126,6 +127,11 @@ class TargetClient:
         options = [
             ("grpc.max_receive_message_length", MAX_MESSAGE_BYTES),
             ("grpc.max_send_message_length", MAX_MESSAGE_BYTES),
+            # gRPC's own reconnect backoff grows to 120 s: a target that comes up after the draft
+            # (a first start dequantizing its weights) went unnoticed for minutes and every request
+            # failed meanwhile (found by tests/test_compose.py). Probe at least once a second instead.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MAX_MS),
         ]
         if self.server_name:
             options.append(("grpc.ssl_target_name_override", self.server_name))

@@ -58,6 +58,14 @@ def prometheus(path: str, **params: str) -> dict:
     return body["data"]
 
 
+def save_logs() -> None:
+    """The nodes' logs to test-artifacts/compose.log (kept when the stack is already gone)."""
+    logs = compose("logs", "--no-color", check=False).stdout
+    if logs.strip():
+        ARTIFACTS.mkdir(exist_ok=True)
+        (ARTIFACTS / "compose.log").write_text(logs)
+
+
 @pytest.fixture(scope="module")
 def stack() -> Iterator[dict]:
     engine = subprocess.run(["bash", str(LOCAL / "local_engine.sh")], capture_output=True, text=True, timeout=1800)
@@ -78,8 +86,7 @@ def stack() -> Iterator[dict]:
         timings["image_mb"] = round(int(docker("image", "inspect", "specwire:cpu", "--format", "{{.Size}}")) / 1e6)
         yield timings
     finally:
-        ARTIFACTS.mkdir(exist_ok=True)
-        (ARTIFACTS / "compose.log").write_text(compose("logs", "--no-color", check=False).stdout)
+        save_logs()
         compose("down", "-v", "--remove-orphans", timeout=300, check=False)
 
 
@@ -175,6 +182,7 @@ def test_prometheus_targets_page_screenshot(stack):
 def test_stop_is_graceful_and_down_leaves_nothing(stack):
     stopped = compose("stop", timeout=300)
     assert stopped.returncode == 0
+    save_logs()
     for service in ("target", "draft"):
         container = compose("ps", "--all", "--quiet", service).stdout.strip()
         state = json.loads(docker("inspect", container))[0]["State"]

@@ -124,6 +124,30 @@ def test_draft_starts_before_its_target(tiny, target_model):
         target.stop(0)
 
 
+@pytest.mark.slow
+def test_a_target_that_comes_up_half_a_minute_late_is_found_within_seconds(target_model):
+    """gRPC's default reconnect backoff had grown past 10 s by then: the draft's first requests
+    failed for a minute although the target was up (docker compose, first start)."""
+    import time
+
+    from draft_node.local_pair import free_port
+    from draft_node.target_client import TargetClient
+
+    port = free_port()
+    client = TargetClient(f"127.0.0.1:{port}", unary_timeout_s=2)
+    try:
+        with pytest.raises(grpc.RpcError):
+            client.info()
+        time.sleep(30)
+        target = start_target(TargetConfig(model="tiny", port=port, metrics_port=-1), target_model)
+        try:
+            assert client.info(wait_s=4).model_id
+        finally:
+            target.stop(0)
+    finally:
+        client.close()
+
+
 @pytest.mark.parametrize("node", ["target", "draft"])
 def test_health_and_reflection(pair_factory, tiny, node):
     pair = pair_factory(tiny.draft_noisy)
