@@ -77,6 +77,14 @@ def assemble_packaged_gguf(name: str, cache_dir: Path) -> Path:
     return target
 
 
+def assemble_all_packaged(cache_dir: Path) -> list[str]:
+    """Assemble every packaged model's GGUF into `cache_dir` (an image build does this once);
+    returns the part packages' names, which are no longer needed."""
+    for name in PACKAGED_MODELS:
+        assemble_packaged_gguf(name, cache_dir)
+    return [m.replace("_", "-") for spec in PACKAGED_MODELS.values() for m in spec.part_modules]
+
+
 def dequantize_gguf(gguf_path: Path, dest: Path) -> Path:
     """Load a GGUF once with transformers and save fp32 safetensors + tokenizer into `dest`."""
     if (dest / "config.json").exists():
@@ -128,3 +136,9 @@ def load_model(spec: str, dtype: str = "float32", cache_dir: Path = DEFAULT_CACH
     tokenizer = load_tokenizer(model_dir)
     model_id = spec if spec in PACKAGED_MODELS else Path(spec).name
     return LoadedModel(model_id=model_id, model=model, tokenizer=tokenizer)
+
+
+if __name__ == "__main__":  # python -m services.model_loading DIR | xargs pip uninstall -y
+    import sys
+
+    print("\n".join(assemble_all_packaged(Path(sys.argv[1]))))

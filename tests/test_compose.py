@@ -67,11 +67,16 @@ def save_logs() -> None:
 
 
 @pytest.fixture(scope="module")
-def stack() -> Iterator[dict]:
+def local_images() -> None:
+    """A running Docker engine and the local stand-in base images (or a skip saying why not)."""
     engine = subprocess.run(["bash", str(LOCAL / "local_engine.sh")], capture_output=True, text=True, timeout=1800)
     if engine.returncode == 77:
         pytest.skip(engine.stdout.strip())
     assert engine.returncode == 0, engine.stderr[-4000:]
+
+
+@pytest.fixture(scope="module")
+def stack(local_images) -> Iterator[dict]:
     compose("down", "-v", "--remove-orphans", timeout=300)  # leftovers of an interrupted run
     timings = {}
     start = time.monotonic()
@@ -194,13 +199,10 @@ def test_stop_is_graceful_and_down_leaves_nothing(stack):
     assert docker("network", "ls", "--quiet", "--filter", label).strip() == ""
 
 
-def test_cuda_image_builds_and_matches_its_cuda_base():
+def test_cuda_image_builds_and_matches_its_cuda_base(local_images):
     """deploy/Dockerfile.cuda builds (no GPU needed) on the Debian stand-in for its nvidia/cuda
     base; the torch it installs must be built for the CUDA version that base's nvcc has, or the
     verify kernels would not compile at first start."""
-    engine = subprocess.run(["bash", str(LOCAL / "local_engine.sh")], capture_output=True, text=True, timeout=1800)
-    if engine.returncode == 77:
-        pytest.skip(engine.stdout.strip())
     dockerfile = ROOT / "deploy" / "Dockerfile.cuda"
     base_cuda = re.search(r"ARG BASE_IMAGE=nvidia/cuda:(\d+\.\d+)\.\d+-devel", dockerfile.read_text()).group(1)
     tag = "specwire-test/cuda:build-check"
