@@ -19,6 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from services.config import DEFAULT_CACHE_DIR
+from services.gqa_attention import ATTENTION
 
 log = logging.getLogger(__name__)
 
@@ -129,9 +130,13 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
 
 
 def load_model(spec: str, dtype: str = "float32", cache_dir: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode."""
+    """Load a causal LM and its tokenizer in eval mode, with grouped-KV attention where the
+    model's code takes a pluggable attention function (`services.gqa_attention`)."""
     model_dir = resolve_model_dir(spec, cache_dir)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype), attn_implementation=ATTENTION)
+    except ValueError:  # a model class without pluggable attention
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
     model.eval()
     tokenizer = load_tokenizer(model_dir)
     model_id = spec if spec in PACKAGED_MODELS else Path(spec).name

@@ -92,7 +92,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 class SmallRowLinear(nn.Module):
     """An `nn.Linear` (same parameters, shared) that uses `kernel` for up to `max_rows` rows; with
-    `int8`, those rows read an int8 copy of the weight (a draft's choice: a quarter of fp32's bytes)."""
+    `int8`, those rows read an int8 copy of the weight (a draft's choice: a quarter of fp32's bytes)
+    and multiply it with each row rounded to int16 in integer arithmetic (exact int32 sums)."""
 
     def __init__(self, linear: nn.Linear, kernel: LinearFn, max_rows: int, int8: bool = False) -> None:
         super().__init__()
