@@ -1,6 +1,6 @@
 """Time of one verify forward vs the number of trie nodes, against a single-token decode step.
 
-    python benchmarks/verify_cost.py --model qwen2.5-coder-1.5b-instruct --out benchmarks/results/verify_cost_cpu.json
+    python -m benchmarks.verify_cost --model qwen2.5-coder-1.5b-instruct --out benchmarks/results/verify_cost_cpu.json
 
 Trees are N chains of K tokens with no shared prefix (N * K nodes), the worst case for sharing.
 """

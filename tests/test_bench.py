@@ -4,6 +4,9 @@ and a whole run on tiny models writes its JSON, table and plots with greedy outp
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +14,8 @@ from benchmarks.bench import main
 from benchmarks.bench_data import gsm8k, humaneval
 from benchmarks.bench_quality import gsm8k_answer, humaneval_program, is_correct
 from benchmarks.bench_report import acceptance_by_position, percentile
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_data_sets_come_from_the_packages():
@@ -80,3 +85,14 @@ def test_a_whole_run_on_tiny_models(tiny, tmp_path):
     assert "| specwire K=4 |" in (out / "report.md").read_text()
     for plot in ("speedup.png", "acceptance_by_position.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"))
+def test_benchmark_scripts_start_as_documented(script):
+    """Run by path (`python benchmarks/x.py`), a script's folder comes first on sys.path, so a
+    benchmark named like a package that transformers probes (`kernels`) broke every model load."""
+    path = ROOT / "benchmarks" / script
+    documented = f"python benchmarks/{script}" in path.read_text() or script == "target_alone.py"
+    command = [sys.executable, str(path)] if documented else [sys.executable, "-m", f"benchmarks.{path.stem}"]
+    out = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]

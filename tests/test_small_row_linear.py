@@ -55,9 +55,11 @@ def test_kernel_rows_do_not_depend_on_each_other():
     gen = torch.Generator().manual_seed(1)
     weight = torch.randn(515, 384, generator=gen)
     x = torch.randn(17, 384, generator=gen)
-    together = cpu_extension().small_row_linear(x, weight, None)
-    for i in range(len(x)):
-        assert torch.equal(cpu_extension().small_row_linear(x[i : i + 1], weight, None)[0], together[i])
+    alone = [cpu_extension().small_row_linear(x[i : i + 1], weight, None)[0] for i in range(len(x))]
+    for rows in (2, 3, 5, 8, 13, 17):  # every x block size (1-6 rows) and split
+        together = cpu_extension().small_row_linear(x[:rows], weight, None)
+        for i in range(rows):
+            assert torch.equal(alone[i], together[i])
 
 
 @needs_kernel

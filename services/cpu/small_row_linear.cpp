@@ -2,10 +2,11 @@
 // float32, bfloat16, or int8 with a scale per output row (a draft's weight-only quantization).
 //
 // A decode step or a small verify is memory-bound: its cost is streaming W once. Each thread
-// takes a band of W's rows and, for two rows of W at a time, runs every row of x against them
-// while they sit in L1, so W is read from memory once whatever the number of x rows. Each output
-// element is accumulated the same way (lanes over k in order, then a fixed lane sum), so a row's
-// result is bitwise the same whether it is computed alone or with others.
+// takes bands of 8 W rows and runs every row of x against a band (x in blocks of up to 6 rows,
+// a few W rows at a time) while it sits in cache, so W is read from memory once whatever the
+// number of x rows. Each output element is accumulated the same way (lanes over k in order, then
+// a fixed lane sum), so a row's result is bitwise the same whether it is computed alone or with
+// others.
 //
 // int8 weights meet x rounded to int16 (one scale per x row, small enough that no int32 lane can
 // overflow): vpmaddwd sums 16 exact products an instruction, where widening int8 to float did 8,
@@ -83,7 +84,7 @@ struct Scales {
   Scales rows(int64_t r, int64_t m) const { return {w ? w + r : nullptr, x ? x + m : nullptr}; }
 };
 
-// RW rows of W (1..8) against MB rows of x (1..4): RW * MB accumulators in registers.
+// RW rows of W (1..8) against MB rows of x (1..6): RW * MB accumulators in registers.
 template <typename L, int RW, int MB>
 inline void block(const typename L::Weight* w, Scales scales, const typename L::X* x, int64_t k_dim, int64_t k_vec,
                   float* out_rows[MB], int64_t n, const typename L::Weight* next = nullptr) {
@@ -104,33 +105,48 @@ inline void block(const typename L::Weight* w, Scales scales, const typename L::
       out_rows[m][n + r] = L::finish(acc[r][m], w + r * k_dim, x + m * k_dim, k_vec, k_dim) * scales.at(r, m);
 }
 
-// All rows of x against RW rows of W starting at output column n. Blocks of 4 x rows use RW = 2
-// at a time; a remainder of 1-3 rows takes more W rows per block, so that every block keeps
-// about 8 independent accumulator chains in flight (one chain is latency bound).
-template <typename L, int RW>
+// MB rows of x (a block) against the RW_BAND rows of W from output column n, RW at a time: about
+// 8-12 accumulator chains in flight (one chain is latency bound; 16 registers hold them and RW W
+// vectors). `first`: this block is the first to read these W rows, so it prefetches the next ones.
+template <typename L, int RW_BAND, int MB>
+inline void block_of_band(const typename L::Weight* w, Scales scales, const typename L::X* x, int64_t k_dim,
+                          int64_t k_vec, float* rows[MB], int64_t n, bool first) {
+  constexpr int RW = RW_BAND == 1 ? 1 : MB >= 4 ? 2 : MB >= 2 ? 4 : 8;
+  for (int r = 0; r < RW_BAND; r += RW) {
+    const typename L::Weight* next = first && r + RW < RW_BAND ? w + (r + RW) * k_dim : nullptr;
+    block<L, RW, MB>(w + r * k_dim, scales.rows(r, 0), x, k_dim, k_vec, rows, n + r, next);
+  }
+}
+
+// All rows of x against RW_BAND rows of W (8, or 1 for a tail) from output column n, in blocks of
+// up to 6 x rows split evenly (8 rows: 4 + 4, not 6 + 2; a small block has too few chains).
+template <typename L, int RW_BAND>
 inline void rows_of_w(const typename L::Weight* w, Scales scales, const typename L::X* x, int64_t m_dim,
                       int64_t k_dim, float* out, int64_t n_dim, int64_t n) {
-  static_assert(RW == 8 || RW == 1, "8-row bands, or single tail rows");
   const int64_t k_vec = k_dim - k_dim % L::kStep;
-  constexpr int pair = RW == 8 ? 2 : 1, quad = RW == 8 ? 4 : 1;
-  auto next = [&](int64_t m, int r, int step) { return m == 0 && r + step < RW ? w + (r + step) * k_dim : nullptr; };
-  int64_t m = 0;
-  for (; m + 4 <= m_dim; m += 4) {
-    float* rows[4] = {out + m * n_dim, out + (m + 1) * n_dim, out + (m + 2) * n_dim, out + (m + 3) * n_dim};
-    for (int r = 0; r < RW; r += pair)
-      block<L, pair, 4>(w + r * k_dim, scales.rows(r, m), x + m * k_dim, k_dim, k_vec, rows, n + r, next(m, r, pair));
+  if (m_dim == 1) {  // short bands (the draft's int8 rows) fetch the next band early; long ones stream well
+    const bool short_band = RW_BAND == 8 && RW_BAND * k_dim * sizeof(typename L::Weight) <= 16384;
+    float* rows[1] = {out};
+    block<L, RW_BAND, 1>(w, scales, x, k_dim, k_vec, rows, n, short_band ? w + RW_BAND * k_dim : nullptr);
+    return;
   }
-  const int64_t left = m_dim - m;
-  float* rows[3] = {out + m * n_dim, out + (m + 1) * n_dim, out + (m + 2) * n_dim};
-  if (left == 3)
-    for (int r = 0; r < RW; r += pair)
-      block<L, pair, 3>(w + r * k_dim, scales.rows(r, m), x + m * k_dim, k_dim, k_vec, rows, n + r, next(m, r, pair));
-  if (left == 2)
-    for (int r = 0; r < RW; r += quad)
-      block<L, quad, 2>(w + r * k_dim, scales.rows(r, m), x + m * k_dim, k_dim, k_vec, rows, n + r, next(m, r, quad));
-  // one x row: short bands (the draft's int8 rows) fetch the next band early; long ones stream well already
-  const bool short_band = RW == 8 && RW * k_dim * sizeof(typename L::Weight) <= 16384;
-  if (left == 1) block<L, RW, 1>(w, scales.rows(0, m), x + m * k_dim, k_dim, k_vec, rows, n, short_band ? w + RW * k_dim : nullptr);
+  const int64_t blocks = (m_dim + 5) / 6;
+  for (int64_t b = 0, m = 0; b < blocks; ++b) {
+    const int64_t mb = (m_dim - m + (blocks - b) - 1) / (blocks - b);
+    float* rows[6];
+    for (int64_t i = 0; i < mb; ++i) rows[i] = out + (m + i) * n_dim;
+    const typename L::X* xm = x + m * k_dim;
+    const Scales sm = scales.rows(0, m);
+    switch (mb) {
+      case 1: block_of_band<L, RW_BAND, 1>(w, sm, xm, k_dim, k_vec, rows, n, b == 0); break;
+      case 2: block_of_band<L, RW_BAND, 2>(w, sm, xm, k_dim, k_vec, rows, n, b == 0); break;
+      case 3: block_of_band<L, RW_BAND, 3>(w, sm, xm, k_dim, k_vec, rows, n, b == 0); break;
+      case 4: block_of_band<L, RW_BAND, 4>(w, sm, xm, k_dim, k_vec, rows, n, b == 0); break;
+      case 5: block_of_band<L, RW_BAND, 5>(w, sm, xm, k_dim, k_vec, rows, n, b == 0); break;
+      default: block_of_band<L, RW_BAND, 6>(w, sm, xm, k_dim, k_vec, rows, n, b == 0); break;
+    }
+    m += mb;
+  }
 }
 
 template <typename L>

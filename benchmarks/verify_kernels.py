@@ -1,6 +1,6 @@
 """Time each verify kernel against the torch reference: 16/64/256 trie nodes, vocab 32k/152k.
 
-    python benchmarks/kernels.py --out benchmarks/results/kernels_<device>.json
+    python -m benchmarks.verify_kernels --out benchmarks/results/kernels_<device>.json
 
 Every backend that loads on the device is timed (cuda and triton need a GPU; on a CPU only the
 torch reference runs). Trees are chains of 4 tokens under distinct first tokens; KV compaction
