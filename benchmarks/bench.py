@@ -65,6 +65,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draft-weights", default=DraftConfig.model_fields["weights"].default)
     parser.add_argument("--small-row-linear", default="auto", help="linear kernels of nodes and baselines")
     parser.add_argument(
+        "--confidence-threshold", type=float, default=DraftConfig.model_fields["confidence_threshold"].default,
+        help="the draft node's (hf proposer)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pipeline", action=argparse.BooleanOptionalAction, help="draft node pipelining (default: the node's)"
     )
     parser.add_argument("--no-baseline", action="store_true", help="skip the target-alone run")
@@ -133,6 +137,7 @@ def main(argv: list[str] | None = None) -> dict:
         draft_args = [
             "--model", args.draft_model, "--proposer", args.proposer, "--num-candidates", str(args.num_candidates),
             "--dtype", args.draft_dtype, "--weights", args.draft_weights, "--small-row-linear", args.small_row_linear,
+            "--confidence-threshold", str(args.confidence_threshold),
             "--adaptive" if args.adaptive else "--no-adaptive",
             *([] if args.pipeline is None else ["--pipeline" if args.pipeline else "--no-pipeline"]),
         ]  # fmt: skip

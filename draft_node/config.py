@@ -64,6 +64,13 @@ class DraftConfig(NodeConfig):
     adaptive: bool = Field(False, description="choose K and N each round from measured goodput (else fixed)")
     k_max: int = Field(8, ge=1, le=32, description="adaptive: largest K tried")
     num_speculative_tokens: int = Field(3, ge=0, le=32, description="K: draft tokens per round")
+    confidence_threshold: float = Field(
+        0.0,
+        ge=0.0,
+        lt=1.0,
+        description="hf proposer: end a round's chain after a token the draft gives less than this "
+        "probability (0: always K tokens)",
+    )
     draft_top_k: int = Field(
         32, ge=1, le=1024, description="when sampling, the draft keeps at most this many tokens (q)"
     )

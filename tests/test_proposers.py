@@ -91,3 +91,33 @@ def test_vllm_proposer_sampling_sends_exact_q(vllm_pair, monkeypatch):
                 t for n, t in enumerate(tree.token_ids[:node]) if tree.parents[n] == tree.parents[node]
             ]
             assert not set(earlier) & set(q.token_ids)
+
+
+def test_hf_chain_stops_after_an_unsure_token(tiny):
+    """With a confidence threshold the chain ends after the first token the draft gives less than
+    that probability (that token is still proposed); without one it is always K long."""
+    import threading
+
+    import torch
+
+    from draft_node.proposers.hf import HFProposer
+    from services.model_loading import load_model
+
+    model = load_model(tiny.draft_noisy).model
+    context = list(range(5, 25))
+    full = HFProposer(model, threading.Lock()).propose(context, k=6)
+    assert len(full) == 6
+    with torch.inference_mode():
+        ids = torch.tensor([context + full.token_ids[:-1]])
+        probs = model(input_ids=ids).logits[0, len(context) - 1 :].float().softmax(-1)
+    confidence = [float(probs[i, t]) for i, t in enumerate(full.token_ids)]
+    threshold = sorted(confidence)[len(confidence) // 2] + 1e-6  # about half the tokens are unsure
+    first_unsure = next(i for i, c in enumerate(confidence) if c < threshold)
+    stopped = HFProposer(model, threading.Lock(), confidence_threshold=threshold).propose(context, k=6)
+    assert stopped.token_ids == full.token_ids[: first_unsure + 1]
+
+
+def test_hf_pair_with_confidence_threshold_is_token_identical(tiny, target_model, pair_factory):
+    chunks = check_pair_greedy(pair_factory(tiny.draft_noisy, confidence_threshold=0.5), target_model, k=6)
+    rounds = [c.stats for c in chunks if c.HasField("stats")][:-1]  # the last round may be cut by max_tokens
+    assert any(r.drafted_tokens < 6 for r in rounds)  # some chains stopped early

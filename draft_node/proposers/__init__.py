@@ -59,7 +59,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
             loaded.model_id,
             loaded.tokenizer,
             eos,
-            lambda sampling, noise: HFProposer(loaded.model, lock, sampling, noise),
+            lambda sampling, noise: HFProposer(loaded.model, lock, sampling, noise, config.confidence_threshold),
             max_candidates=1,
         )
     model_dir = resolve_model_dir(config.model, config.cache_dir)  # ngram: the tokenizer's source
