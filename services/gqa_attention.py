@@ -3,8 +3,8 @@
 transformers' `sdpa` copies each KV head once per query head of its group (`repeat_kv`) whenever
 a mask is passed, as it is for every verify forward (a tree mask): for Qwen2.5-1.5B (12 query
 heads, 2 KV heads) six copies of the whole cache, every layer, every round. torch's CPU SDPA
-takes grouped heads as they are (`enable_gqa`), with the same result bit for bit in about half
-the time. Elsewhere transformers' own path stays: fused GPU kernels take GQA only without a mask.
+takes grouped heads as they are (`enable_gqa`), with the same result bit for bit and no
+copies. Elsewhere transformers' own path stays: fused GPU kernels take GQA only without a mask.
 """
 
 from __future__ import annotations

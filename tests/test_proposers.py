@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
-import pytest
+import threading
 
+import pytest
+import torch
+
+from draft_node.proposers.hf import HFProposer
 from draft_node.proposers.ngram import NgramProposer
 from services.candidate_tree import ROOT
+from services.model_loading import load_model
 from tests.helpers import collect, target_only_greedy
 
 PROMPTS = ["def add(a, b):\n    return a + b\ndef add(a, b):", "The quick brown fox. The quick brown fox"]
@@ -96,13 +101,6 @@ def test_vllm_proposer_sampling_sends_exact_q(vllm_pair, monkeypatch):
 def test_hf_chain_stops_after_an_unsure_token(tiny):
     """With a confidence threshold the chain ends after the first token the draft gives less than
     that probability (that token is still proposed); without one it is always K long."""
-    import threading
-
-    import torch
-
-    from draft_node.proposers.hf import HFProposer
-    from services.model_loading import load_model
-
     model = load_model(tiny.draft_noisy).model
     context = list(range(5, 25))
     full = HFProposer(model, threading.Lock()).propose(context, k=6)
