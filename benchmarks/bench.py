@@ -61,6 +61,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--draft-model", default="qwen2.5-coder-0.5b-instruct")
     parser.add_argument("--draft", help="drive this running draft node (gRPC host:port)")
     parser.add_argument("--openai", help="drive this running draft node's OpenAI API (base URL)")
+    parser.add_argument("--device", default="auto", help="where both nodes and the baselines run (auto, cpu, cuda[:N])")
+    parser.add_argument("--target-dtype", default=DraftConfig.model_fields["dtype"].default)
     parser.add_argument("--draft-dtype", default=DraftConfig.model_fields["dtype"].default)
     parser.add_argument("--draft-weights", default=DraftConfig.model_fields["weights"].default)
     parser.add_argument("--small-row-linear", default="auto", help="linear kernels of nodes and baselines")
@@ -118,7 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     samples = load_samples(args.gsm8k, args.humaneval)
     by_id = {s.sample_id: s for s in samples}
-    target = load_model(args.target_model)
+    target = load_model(args.target_model, args.target_dtype, device=args.device)
     tokenizer = target.tokenizer
     prompts = {
         s.sample_id: tokenizer.apply_chat_template(s.messages, add_generation_prompt=True, tokenize=False)
@@ -130,18 +132,22 @@ def main(argv: list[str] | None = None) -> dict:
     local = not (args.draft or args.openai)
     draft = None
     if not args.no_assisted:
-        draft = load_model(args.draft_model, args.draft_dtype)
+        draft = load_model(args.draft_model, args.draft_dtype, device=args.device)
         use_small_row_linears(draft.model, small_rows, int8=args.draft_weights == "int8")
     stack = ExitStack()
     if local:
         draft_args = [
             "--model", args.draft_model, "--proposer", args.proposer, "--num-candidates", str(args.num_candidates),
             "--dtype", args.draft_dtype, "--weights", args.draft_weights, "--small-row-linear", args.small_row_linear,
+            "--device", args.device,
             "--confidence-threshold", str(args.confidence_threshold),
             "--adaptive" if args.adaptive else "--no-adaptive",
             *([] if args.pipeline is None else ["--pipeline" if args.pipeline else "--no-pipeline"]),
         ]  # fmt: skip
-        target_args = ["--model", args.target_model, "--small-row-linear", args.small_row_linear]
+        target_args = [
+            "--model", args.target_model, "--dtype", args.target_dtype, "--device", args.device,
+            "--small-row-linear", args.small_row_linear,
+        ]  # fmt: skip
         pair = stack.enter_context(local_pair(target_args, draft_args, logs=args.out_dir / "logs"))
         args.draft = pair.draft
 

@@ -138,7 +138,7 @@ class HFRunner:
     @torch.inference_mode()
     def generate(self, sample_id: str, prompt_text: str) -> Generation:
         s = self.settings
-        ids = torch.tensor([self.target.tokenizer.encode(prompt_text)])
+        ids = torch.tensor([self.target.tokenizer.encode(prompt_text)], device=self.target.model.device)
         kwargs: dict = dict(
             max_new_tokens=s.max_tokens,
             eos_token_id=self.eos,

@@ -25,8 +25,10 @@ def main() -> None:
     parser.add_argument("--prompt", default=DEMO_PROMPT)
     parser.add_argument("--max-tokens", type=int, default=128)
     parser.add_argument("--small-row-linear", default="auto", help="as on `specwire target` (0: stock)")
+    parser.add_argument("--dtype", default="float32", help="as on `specwire target`")
+    parser.add_argument("--device", default="auto", help="as on `specwire target`")
     args = parser.parse_args()
-    loaded = load_model(args.model)
+    loaded = load_model(args.model, args.dtype, device=args.device)
     small_rows = use_small_row_linears(loaded.model, small_row_setting(args.small_row_linear))
     ids = loaded.tokenizer.apply_chat_template(
         [{"role": "user", "content": args.prompt}],
@@ -34,7 +36,7 @@ def main() -> None:
         tokenize=True,
         return_dict=False,
     )
-    prompt = torch.tensor([list(ids)])
+    prompt = torch.tensor([list(ids)], device=loaded.model.device)
     with torch.inference_mode():
         loaded.model.generate(prompt, max_new_tokens=4, do_sample=False)  # warm-up
         start = time.perf_counter()
@@ -50,6 +52,8 @@ def main() -> None:
                 "tokens": tokens,
                 "seconds": round(seconds, 3),
                 "tokens_per_s": round(tokens / seconds, 3),
+                "device": str(loaded.model.device),
+                "dtype": args.dtype,
                 "torch_threads": torch.get_num_threads(),
                 "small_row_linear": small_rows,
             }

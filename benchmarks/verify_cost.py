@@ -51,15 +51,14 @@ def main() -> None:
     )
     parser.add_argument("--model", default="qwen2.5-coder-1.5b-instruct")
     parser.add_argument("--dtype", default="float32")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--device", default="auto", help="as on `specwire target`")
     parser.add_argument("--prompt-tokens", type=int, default=128)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--small-row-linear", default="auto", help="as on `specwire target` (0: stock F.linear)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
 
-    loaded = load_model(args.model, args.dtype)
-    loaded.model.to(args.device)
+    loaded = load_model(args.model, args.dtype, device=args.device)
     verifier = build_verifier(
         TargetConfig(
             model=args.model,
@@ -104,9 +103,9 @@ def main() -> None:
         "benchmark": "verify_cost",
         "model": args.model,
         "dtype": args.dtype,
-        "device": args.device,
-        "device_name": torch.cuda.get_device_name()
-        if args.device == "cuda"
+        "device": str(verifier.backend.device),
+        "device_name": torch.cuda.get_device_name(verifier.backend.device)
+        if verifier.backend.device.type == "cuda"
         else platform.processor() or platform.machine(),
         "torch_threads": torch.get_num_threads(),
         "prompt_tokens": args.prompt_tokens,

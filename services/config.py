@@ -21,6 +21,11 @@ class NodeConfig(BaseSettings):
 
     model: str = Field(description="HF model dir, .gguf file, or packaged model name")
     dtype: str = Field("float32", description="float32 | bfloat16 | float16")
+    device: str = Field(
+        "auto",
+        pattern=r"^(auto|cpu|cuda(:\d+)?)$",
+        description="where the model runs: auto (the first CUDA GPU if torch sees one, else the CPU), cpu, cuda[:N]",
+    )
     host: str = Field("127.0.0.1", description="interface the gRPC server binds")
     port: int = Field(description="gRPC port (0: pick a free one)")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where assembled/dequantized weights are cached")

@@ -129,15 +129,34 @@ def load_tokenizer(model_dir: Path) -> PreTrainedTokenizerBase:
     return AutoTokenizer.from_pretrained(model_dir)
 
 
-def load_model(spec: str, dtype: str = "float32", cache_dir: Path = DEFAULT_CACHE_DIR) -> LoadedModel:
-    """Load a causal LM and its tokenizer in eval mode, with grouped-KV attention where the
-    model's code takes a pluggable attention function (`services.gqa_attention`)."""
+def resolve_device(name: str) -> torch.device:
+    """`auto`: the first CUDA GPU when torch sees one, else the CPU; a CUDA device that is not
+    there is an error rather than a silent fall-back to the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but torch sees no CUDA device")
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise ValueError(f"device {name!r} requested but torch sees {torch.cuda.device_count()} CUDA device(s)")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {name!r}: choose auto, cpu, cuda or cuda:N")
+    return device
+
+
+def load_model(
+    spec: str, dtype: str = "float32", cache_dir: Path = DEFAULT_CACHE_DIR, device: str = "cpu"
+) -> LoadedModel:
+    """Load a causal LM and its tokenizer in eval mode on `device` (`resolve_device`), with
+    grouped-KV attention where the model's code takes a pluggable attention function
+    (`services.gqa_attention`)."""
     model_dir = resolve_model_dir(spec, cache_dir)
+    target = resolve_device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype), attn_implementation=ATTENTION)
     except ValueError:  # a model class without pluggable attention
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
-    model.eval()
+    model.to(target).eval()
     tokenizer = load_tokenizer(model_dir)
     model_id = spec if spec in PACKAGED_MODELS else Path(spec).name
     return LoadedModel(model_id=model_id, model=model, tokenizer=tokenizer)

@@ -13,14 +13,15 @@ from target_node.verifier import Verifier
 def target_only_greedy(loaded: LoadedModel, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
     """HF `generate` greedy on the target alone, cut before the first EOS."""
     eos = sorted(eos_token_ids(loaded.tokenizer, loaded.model.generation_config))
+    device = loaded.model.device
     with torch.inference_mode():
         out = loaded.model.generate(
-            torch.tensor([prompt_ids]),
+            torch.tensor([prompt_ids], device=device),
             max_new_tokens=max_new_tokens,
             do_sample=False,
             eos_token_id=eos,
             pad_token_id=eos[0],
-            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
         )
     tokens = out[0, len(prompt_ids) :].tolist()
     cut = next((i for i, t in enumerate(tokens) if t in eos), len(tokens))

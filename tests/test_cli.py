@@ -14,6 +14,8 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from services.model_loading import resolve_device
+
 pytestmark = pytest.mark.slow
 CLI = [sys.executable, "-m", "draft_node.cli"]
 
@@ -24,7 +26,9 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def wait_serving(port: int, process: subprocess.Popen, timeout_s: float = 60) -> None:
+def wait_serving(port: int, process: subprocess.Popen, timeout_s: float = 300) -> None:
+    """Until the node's health check says SERVING (a start can take a minute or more on a busy
+    2-core CI machine: imports, model load, kernel calibration), or its process exits."""
     deadline = time.monotonic() + timeout_s
     with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
         stub = health_pb2_grpc.HealthStub(channel)
@@ -148,6 +152,10 @@ def test_target_draft_generate_as_separate_processes(tiny):
         assert result.stdout.strip()
         draft_series = scrape(draft_metrics)
         target_series = scrape(target_metrics)
+        device = str(resolve_device("auto"))  # where a node runs by default: the GPU when there is one
+        assert any(
+            k.startswith("specwire_target_backend_info{") and f'device="{device}' in k for k in target_series
+        ), target_series
         rounds = draft_series["specwire_draft_rounds_total"]
         assert rounds > 0
         assert (

@@ -15,6 +15,7 @@ import torch
 
 import tests.test_verifier as verifier_tests
 from services.candidate_tree import ROOT, CandidateTree, SparseProbs
+from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
 from target_node.backends import build_verifier
 from target_node.config import TargetConfig
@@ -191,24 +192,32 @@ def test_registry_picks_and_refuses(monkeypatch):
 
 
 @pytest.fixture(scope="module")
-def triton_verifier(target_model):
+def device_target(tiny, device):
+    """The tiny target where Triton compiles for real (the GPU) or is interpreted (the CPU)."""
+    return load_model(tiny.target, device=device)
+
+
+@pytest.fixture(scope="module")
+def triton_verifier(device_target):
     verifier = build_verifier(
-        TargetConfig(model="tiny", kernels="triton", max_tree_nodes=32, max_context_tokens=200), target_model
+        TargetConfig(model="tiny", kernels="triton", max_tree_nodes=32, max_context_tokens=200), device_target
     )
     yield verifier
     verifier.backend.stop()
 
 
-def test_target_with_triton_kernels_keeps_greedy_output(target_model, triton_verifier):
+def test_target_with_triton_kernels_keeps_greedy_output(device_target, triton_verifier):
     """The full round (greedy verify kernel + KV compaction kernel) through the HF backend."""
     assert triton_verifier.backend.describe()["kernels"] == "triton"
-    verifier_tests.test_tree_verification_equals_target_greedy(target_model, triton_verifier, 4)
+    verifier_tests.test_tree_verification_equals_target_greedy(device_target, triton_verifier, 4)
 
 
-def test_seeded_sampling_is_identical_across_kernels(target_model, triton_verifier):
+def test_seeded_sampling_is_identical_across_kernels(device_target, triton_verifier):
     """Same seed, same uniforms: the Triton and torch rejection samplers pick the same tokens."""
-    torch_verifier = build_verifier(TargetConfig(model="tiny", max_tree_nodes=32), target_model)
-    prompt = target_model.tokenizer.encode("def add(a, b):")
+    torch_verifier = build_verifier(
+        TargetConfig(model="tiny", kernels="torch", max_tree_nodes=32), device_target
+    )
+    prompt = device_target.tokenizer.encode("def add(a, b):")
     rng = random.Random(5)
     trees = [
         CandidateTree.from_sequences([[rng.randrange(300) for _ in range(3)] for _ in range(2)])
@@ -238,7 +247,8 @@ from triton.compiler import ASTSource
 from target_node.kernels import triton_kernels as k
 
 SIGNATURES = {
-    k._tree_greedy_verify_kernel: ({"logits_ptr": "*fp32", "accepted_ptr": "*i8"}, {"BLOCK_V": 1024, "BLOCK_N": 64}),
+    k._row_argmax_kernel: ({"logits_ptr": "*fp32"}, {"BLOCK_V": 1024}),
+    k._tree_paths_kernel: ({"accepted_ptr": "*i8"}, {"BLOCK_N": 64}),
     k._tree_rejection_sample_kernel: (
         {name: "*fp32" for name in ("probs_ptr", "q_probs_ptr", "accept_u_ptr", "sample_u_ptr", "residual_ptr")},
         {"BLOCK_V": 1024, "BLOCK_N": 64, "BLOCK_S": 16},
@@ -265,7 +275,8 @@ def test_triton_kernels_compile_for_sm90():
     assert result.returncode == 0, result.stderr[-3000:]
     compiled = dict(line.split() for line in result.stdout.splitlines())
     assert set(compiled) == {
-        "_tree_greedy_verify_kernel",
+        "_row_argmax_kernel",
+        "_tree_paths_kernel",
         "_tree_rejection_sample_kernel",
         "_compact_kv_kernel",
     }

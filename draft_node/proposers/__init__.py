@@ -49,7 +49,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
     if config.proposer == "hf":
         from draft_node.proposers.hf import HFProposer
 
-        loaded = loaded or load_model(config.model, config.dtype, config.cache_dir)
+        loaded = loaded or load_model(config.model, config.dtype, config.cache_dir, config.device)
         use_small_row_linears(
             loaded.model, small_row_setting(config.small_row_linear), int8=config.weights == "int8"
         )

@@ -23,7 +23,7 @@ def build_verifier(config: TargetConfig, loaded: LoadedModel | None = None) -> V
     else:
         from target_node.backends.hf import HFBackend
 
-        loaded = loaded or load_model(config.model, config.dtype, config.cache_dir)
+        loaded = loaded or load_model(config.model, config.dtype, config.cache_dir, config.device)
         tokenizer, model_id = loaded.tokenizer, loaded.model_id
         backend = HFBackend(loaded, config)
     metrics = TargetMetrics(CollectorRegistry())

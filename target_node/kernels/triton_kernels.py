@@ -1,5 +1,5 @@
-"""Triton verify kernels: one program per request for the tree kernels, one per (tensor, head) for
-KV compaction. On a machine without CUDA they run under TRITON_INTERPRET=1 (tests only)."""
+"""Triton verify kernels: one program per (request, row) for the greedy argmax, one per request for
+the tree walks, one per (tensor, head) for KV compaction. On a machine without CUDA they run under TRITON_INTERPRET=1 (tests only)."""
 
 from __future__ import annotations
 
@@ -28,17 +28,21 @@ def _row_argmax(row_ptr, V, BLOCK: tl.constexpr):
 
 
 @triton.jit
-def _tree_greedy_verify_kernel(
-    logits_ptr, parents_ptr, tokens_ptr, num_nodes_ptr,
-    argmax_ptr, accepted_ptr, end_ptr, length_ptr,
-    R, V, N,
-    BLOCK_V: tl.constexpr, BLOCK_N: tl.constexpr,
+def _row_argmax_kernel(logits_ptr, argmax_ptr, R, V, BLOCK_V: tl.constexpr):
+    """Rows in parallel: one row of a 152k vocabulary is 600 KB, too much for one program to take
+    row after row."""
+    row = tl.program_id(0).to(tl.int64) * R + tl.program_id(1)
+    tl.store(argmax_ptr + row, _row_argmax(logits_ptr + row * V, V, BLOCK_V))
+
+
+@triton.jit
+def _tree_paths_kernel(
+    parents_ptr, tokens_ptr, num_nodes_ptr, argmax_ptr, accepted_ptr, end_ptr, length_ptr,
+    R, N,
+    BLOCK_N: tl.constexpr,
 ):  # fmt: skip
     b = tl.program_id(0)
     n = tl.load(num_nodes_ptr + b)
-    for r in range(0, R):
-        tl.store(argmax_ptr + b * R + r, _row_argmax(logits_ptr + (b * R + r).to(tl.int64) * V, V, BLOCK_V))
-    tl.debug_barrier()
     nodes = tl.arange(0, BLOCK_N)
     valid = nodes < n
     parents = tl.load(parents_ptr + b * N + nodes, mask=valid, other=-1)
@@ -168,11 +172,13 @@ class TritonKernels(LaunchedKernels):
 
     def _launch_greedy(self, logits: torch.Tensor, trees: TreeBatch, out: GreedyVerifyResult) -> None:
         batch, rows, vocab = logits.shape
-        _tree_greedy_verify_kernel[(batch,)](
-            logits, trees.parents, trees.tokens, trees.num_nodes,
+        if batch and rows:
+            _row_argmax_kernel[(batch, rows)](logits, out.target_argmax, rows, vocab, BLOCK_V=min(BLOCK_V, _block(vocab)))
+        _tree_paths_kernel[(batch,)](
+            trees.parents, trees.tokens, trees.num_nodes,
             out.target_argmax, out.node_accepted, out.path_end, out.path_length,
-            rows, vocab, trees.parents.shape[1],
-            BLOCK_V=min(BLOCK_V, _block(vocab)), BLOCK_N=_block(trees.parents.shape[1]),
+            rows, trees.parents.shape[1],
+            BLOCK_N=_block(trees.parents.shape[1]),
         )  # fmt: skip
 
     def _launch_rejection(

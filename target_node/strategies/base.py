@@ -29,17 +29,17 @@ class Decision:
     acceptable: list[bool]  # per node: accepted by the strategy's rule (drives per-candidate stats)
 
 
-def parent_rows(tree: CandidateTree) -> torch.Tensor:
+def parent_rows(tree: CandidateTree, device: torch.device | str = "cpu") -> torch.Tensor:
     """Row of `logits` each node is judged on."""
-    return torch.tensor(tree.parents, dtype=torch.long) + 1
+    return torch.tensor(tree.parents, dtype=torch.long, device=device) + 1
 
 
 def node_logprobs(logits: torch.Tensor, tree: CandidateTree) -> torch.Tensor:
     """Target log-probability (temperature 1) of every node's token given its ancestors."""
     if not len(tree):
         return torch.zeros(0)
-    rows = logits[parent_rows(tree)].float().log_softmax(-1)
-    return rows.gather(-1, torch.tensor(tree.token_ids).unsqueeze(-1)).squeeze(-1)
+    rows = logits[parent_rows(tree, logits.device)].float().log_softmax(-1)
+    return rows.gather(-1, torch.tensor(tree.token_ids, device=logits.device).unsqueeze(-1)).squeeze(-1)
 
 
 class Strategy(ABC):
@@ -94,7 +94,8 @@ class NodewiseStrategy(Strategy):
     ) -> Decision:
         acceptable = []
         if len(tree):
-            acceptable = self.accept(logits[parent_rows(tree)].float(), torch.tensor(tree.token_ids)).tolist()
+            rows = logits[parent_rows(tree, logits.device)].float()
+            acceptable = self.accept(rows, torch.tensor(tree.token_ids, device=logits.device)).tolist()
         best = longest_acceptable_path(tree, acceptable, node_logprobs(logits, tree).tolist())
         next_token = self.sample_token(logits[best + 1].float(), noise, position + len(tree.path_to(best)))
         return decision_for(tree, best, next_token, acceptable)
