@@ -28,7 +28,7 @@ lint:
 	$(PYTHON) -m ruff check .
 
 test: install-models install-vllm install-tools lint   ## everything: real weights, vLLM, deploy checks
-	$(PYTHON) -m pytest -q
+	$(PYTHON) -m pytest -q --durations=25
 
 test-fast: install lint     ## tiny models only (no vLLM, deploy-tool or real-weights tests)
 	$(PYTHON) -m pytest -q -m "not real and not slow" --ignore tests/test_vllm_backend.py --ignore tests/test_deploy.py

@@ -152,8 +152,8 @@ class ResidualIgnored(TorchKernels):
 @pytest.mark.slow
 @pytest.mark.parametrize(
     ("strategy", "proposer", "pipeline"),
-    [("probabilistic", "hf", True), ("probabilistic", "vllm", True), ("gumbel", "hf", True)],
-    ids=["probabilistic-N1", "probabilistic-vllm-N3", "gumbel-N1"],
+    [("probabilistic", "hf", False), ("probabilistic", "vllm", True), ("gumbel", "hf", True)],
+    ids=["probabilistic-N1", "probabilistic-vllm-N3-pipelined", "gumbel-N1-pipelined"],
 )
 def test_sampled_text_has_the_target_distribution(
     tiny, draft_disagreeing, target_distribution, pair_factory, strategy, proposer, pipeline
