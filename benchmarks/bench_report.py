@@ -125,6 +125,7 @@ def plot(summaries: Sequence[dict], out_dir: Path) -> list[Path]:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     paths = []
     fig, ax = plt.subplots(figsize=(7, 3.5))
@@ -143,7 +144,8 @@ def plot(summaries: Sequence[dict], out_dir: Path) -> list[Path]:
             curve = s["acceptance_by_position"]
             ax.plot(range(1, len(curve) + 1), curve, marker="o", label=s["name"])
     ax.set_xlabel("draft position")
-    ax.set_ylabel("acceptance rate")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_ylabel("rounds accepting it (of those drafting it)")
     ax.set_ylim(0, 1.05)
     ax.legend()
     fig.tight_layout()
