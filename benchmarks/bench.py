@@ -9,8 +9,11 @@ Without --draft/--openai, a `specwire target` and a `specwire draft` process are
 loopback as users run them (draft_node.local_pair) and driven over gRPC. The baselines run in this
 process with the same models and linear kernels (`--small-row-linear`) the nodes use: the target
 alone (HF generate) and HF assisted generation (the same draft, same precision and weights). Runs
-go one after another, never concurrently with each other. Writes report.json, report.md,
-speedup.png and acceptance_by_position.png to --out-dir.
+never overlap each other. With one request at a time (`--concurrency 1`, the default) they take
+turns sample by sample: every run generates sample 1, then every run sample 2, and so on, so a
+machine whose speed drifts over minutes (a shared VM) slows every run alike instead of the one
+that happened to be running (`--no-interleave`: each run's samples in one block). Writes
+report.json, report.md, speedup.png and acceptance_by_position.png to --out-dir.
 """
 
 from __future__ import annotations
@@ -51,7 +54,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--seed", type=int, default=None, help="per-request seed when sampling")
     parser.add_argument("--strategy", default="", help="verification strategy (default: lossless for T)")
-    parser.add_argument("-k", "--k", type=int, action="append", help="K to run (repeatable; default 3)")
+    parser.add_argument("-k", "--k", type=int, action="append", help="K to run (repeatable; default the draft node's)")
     parser.add_argument("--adaptive", action="store_true", help="also run specwire with adaptive K/N")
     parser.add_argument("--proposer", default="hf", choices=["hf", "vllm", "ngram"])
     parser.add_argument("--num-candidates", type=int, default=1, help="N (vllm, ngram proposers)")
@@ -73,25 +76,34 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--pipeline", action=argparse.BooleanOptionalAction, help="draft node pipelining (default: the node's)"
     )
+    parser.add_argument(
+        "--interleave", action=argparse.BooleanOptionalAction, default=True,
+        help="runs take turns sample by sample (needs --concurrency 1)",
+    )  # fmt: skip
     parser.add_argument("--no-baseline", action="store_true", help="skip the target-alone run")
     parser.add_argument("--no-assisted", action="store_true", help="skip HF assisted generation")
     parser.add_argument(
         "--out-dir", type=Path, default=Path("benchmarks/results") / time.strftime("bench-%Y%m%d-%H%M%S")
     )
     args = parser.parse_args(argv)
-    args.k = args.k or [3]
+    args.k = args.k or [DraftConfig.model_fields["num_speculative_tokens"].default]
     return args
+
+
+def warm_up(runner: object, samples: list[Sample], prompts: dict[str, str], warmup: int) -> None:
+    """Untimed short requests on the first `warmup` samples (model pages, allocator, threads)."""
+    timed_settings = runner.settings
+    runner.settings = replace(timed_settings, max_tokens=min(8, timed_settings.max_tokens))
+    for sample in samples[:warmup]:
+        runner.generate(sample.sample_id, prompts[sample.sample_id])
+    runner.settings = timed_settings
 
 
 def run(
     name: str, runner: object, workers: int, samples: list[Sample], prompts: dict[str, str], warmup: int
 ) -> list[Generation]:
     """Warm up, then generate every sample, `workers` at a time."""
-    timed_settings = runner.settings
-    runner.settings = replace(timed_settings, max_tokens=min(8, timed_settings.max_tokens))
-    for sample in samples[:warmup]:
-        runner.generate(sample.sample_id, prompts[sample.sample_id])
-    runner.settings = timed_settings
+    warm_up(runner, samples, prompts, warmup)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(samples), desc=name, file=sys.stderr) as bar:
         futures = [pool.submit(runner.generate, s.sample_id, prompts[s.sample_id]) for s in samples]
         generations = []
@@ -99,6 +111,19 @@ def run(
             generations.append(future.result())
             bar.update()
     return generations
+
+
+def run_interleaved(
+    runs: list[tuple[str, object]], samples: list[Sample], prompts: dict[str, str], warmup: int
+) -> dict[str, list[Generation]]:
+    """Warm up every runner, then each sample through every runner in turn, one request at a time."""
+    for _, runner in runs:
+        warm_up(runner, samples, prompts, warmup)
+    results: dict[str, list[Generation]] = {name: [] for name, _ in runs}
+    for sample in tqdm(samples, desc=" / ".join(results), file=sys.stderr):
+        for name, runner in runs:
+            results[name].append(runner.generate(sample.sample_id, prompts[sample.sample_id]))
+    return results
 
 
 def machine() -> dict:
@@ -171,8 +196,11 @@ def main(argv: list[str] | None = None) -> dict:
             runs.append((name, SpecwireGrpcRunner(args.draft, settings(k)), args.concurrency))
     results: dict[str, list[Generation]] = {}
     with stack:  # the node processes (if started here) stop when the runs are done
-        for name, runner, workers in runs:
-            results[name] = run(name, runner, workers, samples, prompts, args.warmup)
+        if args.interleave and args.concurrency == 1:
+            results = run_interleaved([(name, runner) for name, runner, _ in runs], samples, prompts, args.warmup)
+        else:
+            for name, runner, workers in runs:
+                results[name] = run(name, runner, workers, samples, prompts, args.warmup)
     correct = {
         name: {g.sample_id: is_correct(by_id[g.sample_id], g.text) for g in gens}
         for name, gens in results.items()

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import main
-from benchmarks.bench_data import gsm8k, humaneval
+from benchmarks.bench import main, run_interleaved
+from benchmarks.bench_data import Sample, gsm8k, humaneval
 from benchmarks.bench_quality import gsm8k_answer, humaneval_program, is_correct
 from benchmarks.bench_report import acceptance_by_position, percentile
+from benchmarks.bench_runners import Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -61,6 +62,26 @@ def test_report_maths():
     assert percentile([1, 2, 3, 4], 50) == 2 and percentile([1, 2, 3, 4], 99) == 4 and percentile([], 50) is None
     rounds = [dict(drafted=3, accepted=3), dict(drafted=3, accepted=1), dict(drafted=2, accepted=0)]
     assert acceptance_by_position(rounds) == [2 / 3, 1 / 3, 1 / 2]
+
+
+def test_interleaved_runs_take_turns_sample_by_sample():
+    """A drifting machine must slow every run alike: each sample goes through every run before the next."""
+    calls = []
+
+    class Recorder:
+        def __init__(self, name):
+            self.name, self.settings = name, Settings(max_tokens=64)
+
+        def generate(self, sample_id, prompt):
+            calls.append((self.name, sample_id, self.settings.max_tokens))
+            return sample_id
+
+    samples = [Sample("gsm8k", f"s{i}", [], "") for i in range(3)]
+    prompts = {s.sample_id: "p" for s in samples}
+    results = run_interleaved([("a", Recorder("a")), ("b", Recorder("b"))], samples, prompts, warmup=1)
+    assert calls[:2] == [("a", "s0", 8), ("b", "s0", 8)]  # short untimed warm-ups first
+    assert calls[2:] == [(run, f"s{i}", 64) for i in range(3) for run in ("a", "b")]
+    assert results == {"a": ["s0", "s1", "s2"], "b": ["s0", "s1", "s2"]}
 
 
 def test_a_whole_run_on_tiny_models(tiny, tmp_path):
