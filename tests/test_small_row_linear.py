@@ -135,14 +135,14 @@ def test_swap_keeps_parameters_and_outputs(tiny):
 @pytest.mark.parametrize("pipeline", [False, True])
 def test_greedy_identical_with_everything_on(tiny, pipeline):
     """Target kernels on for every verify (up to 64 rows), an int8 draft with its kernels, the
-    preallocated caches, K=3: output equals the target alone running the same kernels."""
+    preallocated caches, the node's default K: output equals the target alone running the same kernels."""
     target = load_model(tiny.target)
     use_small_row_linears(target.model, 64)  # the node keeps this choice (auto sees it done)
     pair = start_pair(target, tiny.draft_noisy, weights="int8", small_row_linear="64", pipeline=pipeline)
     try:
         assert pair.target.node.backend.small_row_limit == 64
         for prompt in ("def add(a, b):", "Natalia sold clips"):
-            tokens, chunks = collect(pair.draft_stub, prompt=prompt, max_tokens=40, num_speculative_tokens=3)
+            tokens, chunks = collect(pair.draft_stub, prompt=prompt, max_tokens=40)
             assert tokens == target_only_greedy(target, target.tokenizer.encode(prompt), 40), prompt
             assert any(c.stats.accepted_tokens for c in chunks if c.HasField("stats"))
     finally:
