@@ -18,13 +18,14 @@ class DraftConfig(NodeConfig):
     dtype: str = Field(
         "float32",
         description="float32 | bfloat16 | float16: the draft's precision changes acceptance, never the output "
-        "(on a CPU without bf16 instructions a bfloat16 prefill is ~7x slower than float32; decode steps "
-        "read --weights)",
+        "(on a CPU without bf16 instructions a bfloat16 prefill is ~7x slower than float32; with --weights "
+        "int8, decode steps and the prompt prefill read the int8 copy)",
     )
     weights: Literal["model", "int8"] = Field(
         "int8",
-        description="hf proposer on a CPU: weights its decode steps read: the model's (--dtype), or a "
-        "weight-only int8 copy (per-row scales; half of bfloat16's bytes; changes acceptance, never the output)",
+        description="hf proposer on a CPU: weights its forwards read: the model's (--dtype), or a weight-only "
+        "int8 copy (per-row scales; half of bfloat16's bytes; decode steps in the int16 x int8 kernel, prompt "
+        "prefills in torch's quantized GEMM; changes acceptance, never the output)",
     )
     port: int = Field(50052, description="gRPC port of the DraftService (0: pick a free one)")
     metrics_port: int = Field(

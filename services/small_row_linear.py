@@ -18,6 +18,7 @@ import importlib.util
 import logging
 import shutil
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
@@ -90,10 +91,31 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.contiguous(), scale.contiguous()
 
 
+def prepack_int8(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> object | None:
+    """The same int8 weights prepacked for torch's quantized GEMM (fbgemm/oneDNN: u8 x s8 products),
+    so a draft's prompt prefill runs in int8 too: 3.5-4.7x fp32 `F.linear` for 200 rows of the 0.5B's
+    layers on the 2-core AVX2 machine. None where this torch has no quantized CPU engine (torch
+    marks its quantized tensors deprecated; without them prefill stays on fp32 `F.linear`)."""
+    if not {"x86", "fbgemm"} & set(torch.backends.quantized.supported_engines):
+        return None
+    zero_points = torch.zeros(len(scale), dtype=torch.long)
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*quantized tensor creation functions.*")
+            weight = torch._make_per_channel_quantized_tensor(q, scale.double(), zero_points, 0)
+            return torch.ops.quantized.linear_prepack(weight, None if bias is None else bias.detach().float())
+    except (AttributeError, RuntimeError) as exc:
+        log.warning("int8 prefill not available in this torch (%s); draft prefill stays float32", exc)
+        return None
+
+
 class SmallRowLinear(nn.Module):
     """An `nn.Linear` (same parameters, shared) that uses `kernel` for up to `max_rows` rows; with
     `int8`, those rows read an int8 copy of the weight (a draft's choice: a quarter of fp32's bytes)
-    and multiply it with each row rounded to int16 in integer arithmetic (exact int32 sums)."""
+    and multiply it with each row rounded to int16 in integer arithmetic (exact int32 sums), and
+    more rows (a prompt prefill) run torch's quantized GEMM on the same int8 weights, x rounded to
+    7-bit unsigned with one scale for all rows (`reduce_range`: AVX2's u8 x s8 pair sums cannot
+    saturate)."""
 
     def __init__(self, linear: nn.Linear, kernel: LinearFn, max_rows: int, int8: bool = False) -> None:
         super().__init__()
@@ -102,10 +124,13 @@ class SmallRowLinear(nn.Module):
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.kernel, self.max_rows = kernel, max_rows
         self.int8 = quantize_int8(linear.weight) if int8 else None
+        self.int8_prefill = prepack_int8(*self.int8, linear.bias) if self.int8 is not None else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
         if rows > self.max_rows:
+            if self.int8_prefill is not None and x.dtype == torch.float32:
+                return torch.ops.quantized.linear_dynamic(x, self.int8_prefill, True)
             return F.linear(x, self.weight, self.bias)
         x2d = x.reshape(rows, self.in_features)
         if self.int8 is not None:

@@ -1,6 +1,7 @@
 """The small-row linear path: equal to F.linear for every row count it serves, row-invariant,
-int8 weights within x's int16 rounding of their dequantized product, and speculative greedy output identical to the
-target alone with the kernels, the int8 draft and the preallocated KV cache all on."""
+int8 weights within x's int16 rounding of their dequantized product (a prefill's rows in int8 too),
+and speculative greedy output identical to the target alone with the kernels, the int8 draft and
+the preallocated KV cache all on."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from services.model_loading import load_model
 from services.small_row_linear import (
     SmallRowLinear,
     cpu_extension,
+    prepack_int8,
     quantize_int8,
     use_small_row_linears,
     weight_stationary_linear,
@@ -104,6 +106,29 @@ def test_int8_products_never_overflow_int32():
     q, scale = torch.full((3, k), 127, dtype=torch.int8), torch.ones(3)
     x = torch.ones(2, k)
     torch.testing.assert_close(cpu_extension().small_row_linear(x, q, None, scale), torch.full((2, 3), 127.0 * k))
+
+
+@needs_kernel
+def test_int8_prefill_rows_run_the_same_int8_weights():
+    """Past `max_rows` (a draft's prompt prefill) an int8 layer runs torch's quantized GEMM on its
+    int8 weights: close to the dequantized product (x rounded to 7 bits per tensor), not the fp32
+    weights' F.linear path, and the decode rows still go through the int16 kernel."""
+    if prepack_int8(*quantize_int8(torch.ones(8, 8)), None) is None:
+        pytest.skip("this torch has no quantized CPU engine")
+    gen = torch.Generator().manual_seed(4)
+    linear = nn.Linear(264, 301)
+    layer = SmallRowLinear(linear, cpu_extension().small_row_linear, max_rows=8, int8=True)
+    q, scale = layer.int8
+    dequantized = q.float() * scale[:, None]
+    x = torch.randn(1, 40, 264, generator=gen)
+    with torch.inference_mode():
+        got = layer(x)
+        want = F.linear(x, dequantized, linear.bias)
+        assert got.shape == (1, 40, 301)
+        torch.testing.assert_close(got, want, rtol=0, atol=0.03 * float(want.abs().max()))
+        assert not torch.equal(got, F.linear(x, linear.weight, linear.bias))  # not the fp32 path
+        rows = layer(x[:, :3])  # few rows: the exact int16 kernel
+        torch.testing.assert_close(rows, cpu_extension().small_row_linear(x[0, :3], q, linear.bias, scale)[None])
 
 
 def test_torch_fallback_equals_f_linear():
