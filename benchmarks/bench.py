@@ -74,6 +74,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="the draft node's (hf proposer)",
     )  # fmt: skip
     parser.add_argument(
+        "--min-chain-probability", type=float,
+        default=DraftConfig.model_fields["min_chain_probability"].default, help="the draft node's (hf proposer)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--assisted-confidence-threshold", type=float, default=0.4,
+        help="HF assisted generation's assistant_confidence_threshold (0.4: transformers' default; 0: off)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pipeline", action=argparse.BooleanOptionalAction, help="draft node pipelining (default: the node's)"
     )
     parser.add_argument(
@@ -86,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--out-dir", type=Path, default=Path("benchmarks/results") / time.strftime("bench-%Y%m%d-%H%M%S")
     )
     args = parser.parse_args(argv)
-    args.k = args.k or [DraftConfig.model_fields["num_speculative_tokens"].default]
+    args.k = args.k or [DraftConfig.default_k(args.proposer)]
     return args
 
 
@@ -166,6 +174,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--dtype", args.draft_dtype, "--weights", args.draft_weights, "--small-row-linear", args.small_row_linear,
             "--device", args.device,
             "--confidence-threshold", str(args.confidence_threshold),
+            "--min-chain-probability", str(args.min_chain_probability),
             "--adaptive" if args.adaptive else "--no-adaptive",
             *([] if args.pipeline is None else ["--pipeline" if args.pipeline else "--no-pipeline"]),
         ]  # fmt: skip
@@ -177,7 +186,9 @@ def main(argv: list[str] | None = None) -> dict:
         args.draft = pair.draft
 
     def settings(k: int = 0) -> Settings:
-        return Settings(args.max_tokens, args.temperature, args.strategy, k, args.seed)
+        return Settings(
+            args.max_tokens, args.temperature, args.strategy, k, args.seed, args.assisted_confidence_threshold
+        )
 
     runs: list[
         tuple[str, object, int]

@@ -23,6 +23,7 @@ class Settings:
     strategy: str = ""  # empty: the node's default for the temperature
     num_speculative_tokens: int = 0  # 0: the node's default (or its adaptive controller)
     seed: int | None = None
+    assistant_confidence_threshold: float = 0.4  # HF assisted only (transformers' default; 0: off)
 
 
 @dataclass
@@ -151,11 +152,13 @@ class HFRunner:
         else:
             kwargs |= dict(do_sample=False)
         if self.assistant is not None:
-            kwargs |= dict(
-                assistant_model=self.assistant.model,
-                num_assistant_tokens=s.num_speculative_tokens or 3,
-                num_assistant_tokens_schedule="constant",
-            )
+            # transformers reads these from the assistant's own generation config, not from
+            # generate()'s kwargs (which it ignores here: left alone, K is 20 with a 0.4 threshold)
+            assistant_config = self.assistant.model.generation_config
+            assistant_config.num_assistant_tokens = s.num_speculative_tokens or 3
+            assistant_config.num_assistant_tokens_schedule = "constant"
+            assistant_config.assistant_confidence_threshold = s.assistant_confidence_threshold
+            kwargs |= dict(assistant_model=self.assistant.model)
         streamer = _TokenTimes()
         start = time.perf_counter()
         out = self.target.model.generate(

@@ -64,8 +64,12 @@ class DraftConfig(NodeConfig):
     )
     adaptive: bool = Field(False, description="choose K and N each round from measured goodput (else fixed)")
     k_max: int = Field(8, ge=1, le=32, description="adaptive: largest K tried")
-    num_speculative_tokens: int = Field(
-        5, ge=0, le=32, description="K: draft tokens per round (5: measured fastest on a 2-core CPU, see README)"
+    num_speculative_tokens: int | None = Field(
+        None,
+        ge=0,
+        le=32,
+        description="K: the most draft tokens a round (default: 16 with the hf proposer, whose chains end early "
+        "at --min-chain-probability; 5 with vllm and ngram; measured on a 2-core CPU, see README)",
     )
     confidence_threshold: float = Field(
         0.0,
@@ -73,6 +77,13 @@ class DraftConfig(NodeConfig):
         lt=1.0,
         description="hf proposer: end a round's chain after a token the draft gives less than this "
         "probability (0: always K tokens)",
+    )
+    min_chain_probability: float = Field(
+        0.5,
+        ge=0.0,
+        lt=1.0,
+        description="hf proposer: end a round's chain once the draft's probability of the whole chain (the "
+        "product of its tokens' probabilities) is below this (0: off; 0.5: measured fastest, see README)",
     )
     draft_top_k: int = Field(
         32, ge=1, le=1024, description="when sampling, the draft keeps at most this many tokens (q)"
@@ -88,6 +99,17 @@ class DraftConfig(NodeConfig):
     generation_timeout_s: float = Field(
         3600.0, gt=0, description="deadline for one generation's verify stream"
     )
+
+    @staticmethod
+    def default_k(proposer: str) -> int:
+        """K when none is set: a cap for the hf proposer's early-ending chains, else every round's length."""
+        return 16 if proposer == "hf" else 5
+
+    @model_validator(mode="after")
+    def _k_for_proposer(self) -> Self:
+        if self.num_speculative_tokens is None:
+            self.num_speculative_tokens = self.default_k(self.proposer)
+        return self
 
     @model_validator(mode="after")
     def _default_within_limit(self) -> Self:

@@ -14,7 +14,9 @@ from benchmarks.bench import main, run_interleaved
 from benchmarks.bench_data import Sample, gsm8k, humaneval
 from benchmarks.bench_quality import gsm8k_answer, humaneval_program, is_correct
 from benchmarks.bench_report import acceptance_by_position, percentile
-from benchmarks.bench_runners import Settings
+from benchmarks.bench_runners import HFRunner, Settings
+from draft_node.proposers import eos_token_ids
+from services.model_loading import load_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +90,8 @@ def test_a_whole_run_on_tiny_models(tiny, tmp_path):
     out = tmp_path / "bench"
     report = main(
         ["--gsm8k", "2", "--humaneval", "2", "--max-tokens", "10", "--target-model", tiny.target,
-         "--draft-model", tiny.draft_noisy, "--out-dir", str(out), "-k", "2", "-k", "4", "--concurrency", "2"]
+         "--draft-model", tiny.draft_noisy, "--out-dir", str(out), "-k", "2", "-k", "4", "--concurrency", "2",
+         "--min-chain-probability", "0"]  # full chains: the tiny draft is unsure of nearly every token
     )  # fmt: skip
     names = [s["name"] for s in report["summaries"]]
     assert names == ["target-alone", "hf-assisted K=2", "hf-assisted K=4", "specwire K=2", "specwire K=4"]
@@ -106,6 +109,25 @@ def test_a_whole_run_on_tiny_models(tiny, tmp_path):
     assert "| specwire K=4 |" in (out / "report.md").read_text()
     for plot in ("speedup.png", "acceptance_by_position.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_hf_assisted_drafts_the_k_it_is_labelled_with(tiny):
+    """transformers takes K and the confidence threshold from the assistant's generation config and
+    ignores generate()'s kwargs for them (left alone: K=20): the runner sets them there."""
+    target, draft = load_model(tiny.target), load_model(tiny.draft_same)
+    asked: list[int] = []
+    assistant_generate = draft.model.generate
+
+    def generate(*args, **kwargs):
+        asked.append(kwargs["max_new_tokens"])
+        return assistant_generate(*args, **kwargs)
+
+    draft.model.generate = generate
+    eos = sorted(eos_token_ids(target.tokenizer, target.model.generation_config))
+    settings = Settings(max_tokens=12, num_speculative_tokens=2, assistant_confidence_threshold=0.0)
+    HFRunner(target, settings, eos, assistant=draft).generate("s", "def add(a, b):\n    return")
+    assert asked and max(asked) == 2
+    assert draft.model.generation_config.assistant_confidence_threshold == 0.0
 
 
 @pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"))

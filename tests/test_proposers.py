@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import threading
-
 import pytest
 import torch
 
 from draft_node.proposers.hf import HFProposer
 from draft_node.proposers.ngram import NgramProposer
 from services.candidate_tree import ROOT
+from services.compute_thread import ComputeThread
 from services.model_loading import load_model
 from tests.helpers import collect, target_only_greedy
 
@@ -98,24 +97,43 @@ def test_vllm_proposer_sampling_sends_exact_q(vllm_pair, monkeypatch):
             assert not set(earlier) & set(q.token_ids)
 
 
+def full_chain_and_confidence(model, context, k=6):
+    """A K-token chain drafted without early stops, and the draft's probability of each token."""
+    full = HFProposer(model, ComputeThread()).propose(context, k=k)
+    assert len(full) == k
+    with torch.inference_mode():
+        ids = torch.tensor([context + full.token_ids[:-1]])
+        probs = model(input_ids=ids).logits[0, len(context) - 1 :].float().softmax(-1)
+    return full, [float(probs[i, t]) for i, t in enumerate(full.token_ids)]
+
+
 def test_hf_chain_stops_after_an_unsure_token(tiny):
     """With a confidence threshold the chain ends after the first token the draft gives less than
     that probability (that token is still proposed); without one it is always K long."""
     model = load_model(tiny.draft_noisy).model
     context = list(range(5, 25))
-    full = HFProposer(model, threading.Lock()).propose(context, k=6)
-    assert len(full) == 6
-    with torch.inference_mode():
-        ids = torch.tensor([context + full.token_ids[:-1]])
-        probs = model(input_ids=ids).logits[0, len(context) - 1 :].float().softmax(-1)
-    confidence = [float(probs[i, t]) for i, t in enumerate(full.token_ids)]
+    full, confidence = full_chain_and_confidence(model, context)
     threshold = sorted(confidence)[len(confidence) // 2] + 1e-6  # about half the tokens are unsure
     first_unsure = next(i for i, c in enumerate(confidence) if c < threshold)
-    stopped = HFProposer(model, threading.Lock(), confidence_threshold=threshold).propose(context, k=6)
+    stopped = HFProposer(model, ComputeThread(), confidence_threshold=threshold).propose(context, k=6)
     assert stopped.token_ids == full.token_ids[: first_unsure + 1]
 
 
-def test_hf_pair_with_confidence_threshold_is_token_identical(tiny, target_model, pair_factory):
-    chunks = check_pair_greedy(pair_factory(tiny.draft_noisy, confidence_threshold=0.5), target_model, k=6)
+def test_hf_chain_stops_once_the_whole_chain_is_unlikely(tiny):
+    """With `min_chain_probability` the chain ends after the token that brings the product of its
+    tokens' probabilities below it, though no single token is below it."""
+    model = load_model(tiny.draft_noisy).model
+    context = list(range(5, 25))
+    full, confidence = full_chain_and_confidence(model, context)
+    chain = [float(torch.tensor(confidence[: i + 1]).prod()) for i in range(len(confidence))]
+    end = next(i for i in range(1, len(chain)) if chain[i] < chain[i - 1] and min(confidence[: i + 1]) > chain[i])
+    threshold = (chain[end - 1] + chain[end]) / 2
+    stopped = HFProposer(model, ComputeThread(), min_chain_probability=threshold).propose(context, k=6)
+    assert stopped.token_ids == full.token_ids[: end + 1]
+
+
+@pytest.mark.parametrize("early_stop", [{"confidence_threshold": 0.5}, {"min_chain_probability": 0.5}])
+def test_hf_pair_with_early_stops_is_token_identical(tiny, target_model, pair_factory, early_stop):
+    chunks = check_pair_greedy(pair_factory(tiny.draft_noisy, **early_stop), target_model, k=6)
     rounds = [c.stats for c in chunks if c.HasField("stats")][:-1]  # the last round may be cut by max_tokens
     assert any(r.drafted_tokens < 6 for r in rounds)  # some chains stopped early

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,6 +10,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from draft_node.config import DraftConfig
 from draft_node.proposers.base import DraftNoise, Proposer
+from services.compute_thread import ComputeThread
 from services.model_loading import LoadedModel, load_model, load_tokenizer, resolve_model_dir
 from services.rpc.specwire.v1 import target_pb2
 from services.small_row_linear import small_row_setting, use_small_row_linears
@@ -50,17 +50,20 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
         from draft_node.proposers.hf import HFProposer
 
         loaded = loaded or load_model(config.model, config.dtype, config.cache_dir, config.device)
-        use_small_row_linears(
-            loaded.model, small_row_setting(config.small_row_linear), int8=config.weights == "int8"
+        compute = ComputeThread("hf-draft-compute")  # concurrent generations take turns on the one model
+        compute.run(
+            use_small_row_linears, loaded.model, small_row_setting(config.small_row_linear), int8=config.weights == "int8"
         )
-        lock = threading.Lock()  # concurrent generations take turns on the one model
         eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
         return Drafter(
             loaded.model_id,
             loaded.tokenizer,
             eos,
-            lambda sampling, noise: HFProposer(loaded.model, lock, sampling, noise, config.confidence_threshold),
+            lambda sampling, noise: HFProposer(
+                loaded.model, compute, sampling, noise, config.confidence_threshold, config.min_chain_probability
+            ),
             max_candidates=1,
+            stop=compute.stop,
         )
     model_dir = resolve_model_dir(config.model, config.cache_dir)  # ngram: the tokenizer's source
     tokenizer = load_tokenizer(model_dir)

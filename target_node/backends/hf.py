@@ -2,11 +2,11 @@
 
 Concurrent sessions' verify forwards are stacked: their KV caches are right-padded into one
 batch cache, the forward runs once, and each session gets its own logits and new KV entries back.
+All torch work (prefill, forwards, decisions, compaction) runs on the backend's compute thread.
 """
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +14,7 @@ from transformers import DynamicCache, PreTrainedModel
 
 from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
+from services.compute_thread import ComputeThread
 from services.kv_cache import kv_buffers, kv_nbytes, new_kv_cache, truncate_kv
 from services.model_loading import LoadedModel
 from services.small_row_linear import small_row_setting, use_small_row_linears
@@ -80,11 +81,13 @@ class HFBackend(VerifyBackend):
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.max_context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 31
         self.device = next(self.model.parameters()).device
-        self.small_row_limit = use_small_row_linears(self.model, small_row_setting(config.small_row_linear))
+        self.compute = ComputeThread("hf-compute")
+        self.small_row_limit = self.compute.run(
+            use_small_row_linears, self.model, small_row_setting(config.small_row_linear)
+        )
         self.min_rows = config.pad_verify_rows
-        self.kernels = load_kernels(config.kernels, self.device)
-        self._forward_lock = threading.Lock()  # one forward at a time: they compete for the same cores
-        check_tree_attention(self.model, loaded.model_id)
+        self.kernels = self.compute.run(load_kernels, config.kernels, self.device)
+        self.compute.run(check_tree_attention, self.model, loaded.model_id)
         self.batcher: MicroBatcher[ForwardJob, torch.Tensor] = MicroBatcher(
             self._forward_batch,
             config.max_batch_size,
@@ -93,16 +96,18 @@ class HFBackend(VerifyBackend):
             name="hf-verify-batcher",
         )
 
-    @torch.inference_mode()
     def prefill(self, session: Session) -> int:
+        return self.compute.run(self._prefill, session)
+
+    @torch.inference_mode()
+    def _prefill(self, session: Session) -> int:
         session.cache = new_kv_cache()
-        with self._forward_lock:
-            out = self.model(
-                input_ids=torch.tensor([session.token_ids], device=self.device),
-                past_key_values=session.cache,
-                use_cache=True,
-                logits_to_keep=1,
-            )
+        out = self.model(
+            input_ids=torch.tensor([session.token_ids], device=self.device),
+            past_key_values=session.cache,
+            use_cache=True,
+            logits_to_keep=1,
+        )
         return session.strategy.first_token(out.logits[0, -1].float(), session.noise, session.context_length)
 
     def verify(self, session: Session, tree: CandidateTree) -> RoundResult:
@@ -110,12 +115,18 @@ class HFBackend(VerifyBackend):
         try:
             query = build_tree_query(session.pending_token, tree, prefix)
             logits, batch_size = self.batcher.submit(ForwardJob(session.cache, query))
-            decision = session.strategy.evaluate_posterior(logits, tree, session.noise, prefix + 1)
-            # compaction writes only past the prefix, so truncating to it still restores the session
-            self.update_inference_inputs(session.cache, prefix + 1, decision.accepted_nodes)
+            return self.compute.run(self._decide, session, tree, logits, batch_size)
         except BaseException:
-            truncate_kv(session.cache, prefix)  # leave the session as it was before the round
+            # compaction writes only past the prefix, so truncating to it still restores the session
+            truncate_kv(session.cache, prefix)
             raise
+
+    @torch.inference_mode()
+    def _decide(self, session: Session, tree: CandidateTree, logits: torch.Tensor, batch_size: int) -> RoundResult:
+        """The strategy's decision on the tree's logits, and the cache compacted to its path."""
+        prefix = session.context_length
+        decision = session.strategy.evaluate_posterior(logits, tree, session.noise, prefix + 1)
+        self.update_inference_inputs(session.cache, prefix + 1, decision.accepted_nodes)
         end_row = decision.accepted_nodes[-1] + 1 if decision.accepted_nodes else 0
         next_logprob = float(logits[end_row].float().log_softmax(-1)[decision.next_token])
         return RoundResult(decision, node_logprobs(logits, tree).tolist(), batch_size, next_logprob)
@@ -149,21 +160,23 @@ class HFBackend(VerifyBackend):
 
     def stop(self) -> None:
         self.batcher.stop()
+        self.compute.stop()
 
     def _forward_batch(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
-        return self._batched_forward(jobs) if len(jobs) > 1 else [self._single_forward(jobs[0])]
+        if len(jobs) > 1:
+            return self.compute.run(self._batched_forward, jobs)
+        return [self.compute.run(self._single_forward, jobs[0])]
 
     @torch.inference_mode()
     def _single_forward(self, job: ForwardJob) -> torch.Tensor:
         inputs = batch_inputs([job.query], self.model.dtype, self.device, self.min_rows)
-        with self._forward_lock:
-            out = self.model(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
-                attention_mask=inputs.attention_mask,
-                past_key_values=job.cache,
-                use_cache=True,
-            )
+        out = self.model(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            attention_mask=inputs.attention_mask,
+            past_key_values=job.cache,
+            use_cache=True,
+        )
         return out.logits[0].float()
 
     @torch.inference_mode()
@@ -179,14 +192,13 @@ class HFBackend(VerifyBackend):
                 keys[b, ..., : layer.keys.shape[-2], :] = layer.keys[0]
                 values[b, ..., : layer.values.shape[-2], :] = layer.values[0]
             batch_cache.update(keys, values, layer_idx)
-        with self._forward_lock:
-            out = self.model(
-                input_ids=inputs.input_ids,
-                position_ids=inputs.position_ids,
-                attention_mask=inputs.attention_mask,
-                past_key_values=batch_cache,
-                use_cache=True,
-            )
+        out = self.model(
+            input_ids=inputs.input_ids,
+            position_ids=inputs.position_ids,
+            attention_mask=inputs.attention_mask,
+            past_key_values=batch_cache,
+            use_cache=True,
+        )
         results = []
         for b, job in enumerate(jobs):
             new = slice(width, width + len(job.query.token_ids))
