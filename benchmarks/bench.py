@@ -41,6 +41,7 @@ from draft_node.config import DraftConfig
 from draft_node.local_pair import local_pair
 from draft_node.proposers import eos_token_ids
 from services.model_loading import load_model
+from services.prefix_cache import PrefixCache
 from services.small_row_linear import small_row_setting, use_small_row_linears
 
 
@@ -82,6 +83,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="HF assisted generation's assistant_confidence_threshold (0.4: transformers' default; 0: off)",
     )  # fmt: skip
     parser.add_argument(
+        "--prefix-cache-mb", type=float, default=DraftConfig.model_fields["prefix_cache_mb"].default,
+        help="prefix cache of both nodes and of each baseline run (0: off everywhere)",
+    )  # fmt: skip
+    parser.add_argument(
         "--pipeline", action=argparse.BooleanOptionalAction, help="draft node pipelining (default: the node's)"
     )
     parser.add_argument(
@@ -98,12 +103,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def warm_up(runner: object, samples: list[Sample], prompts: dict[str, str], warmup: int) -> None:
-    """Untimed short requests on the first `warmup` samples (model pages, allocator, threads)."""
+WARMUP = "warm-up"  # key of the warm-up prompt in `prompts`
+WARMUP_MESSAGES = [{"role": "user", "content": "Write a haiku about compilers."}]
+
+
+def warm_up(runner: object, prompts: dict[str, str], warmup: int) -> None:
+    """Untimed short requests (model pages, allocator, threads) on a prompt of no sample, so no
+    timed prompt is in a prefix cache before its run reaches it."""
     timed_settings = runner.settings
     runner.settings = replace(timed_settings, max_tokens=min(8, timed_settings.max_tokens))
-    for sample in samples[:warmup]:
-        runner.generate(sample.sample_id, prompts[sample.sample_id])
+    for _ in range(warmup):
+        runner.generate(WARMUP, prompts[WARMUP])
     runner.settings = timed_settings
 
 
@@ -111,7 +121,7 @@ def run(
     name: str, runner: object, workers: int, samples: list[Sample], prompts: dict[str, str], warmup: int
 ) -> list[Generation]:
     """Warm up, then generate every sample, `workers` at a time."""
-    warm_up(runner, samples, prompts, warmup)
+    warm_up(runner, prompts, warmup)
     with ThreadPoolExecutor(workers) as pool, tqdm(total=len(samples), desc=name, file=sys.stderr) as bar:
         futures = [pool.submit(runner.generate, s.sample_id, prompts[s.sample_id]) for s in samples]
         generations = []
@@ -126,7 +136,7 @@ def run_interleaved(
 ) -> dict[str, list[Generation]]:
     """Warm up every runner, then each sample through every runner in turn, one request at a time."""
     for _, runner in runs:
-        warm_up(runner, samples, prompts, warmup)
+        warm_up(runner, prompts, warmup)
     results: dict[str, list[Generation]] = {name: [] for name, _ in runs}
     for sample in tqdm(samples, desc=" / ".join(results), file=sys.stderr):
         for name, runner in runs:
@@ -157,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
     tokenizer = target.tokenizer
     prompts = {
         s.sample_id: tokenizer.apply_chat_template(s.messages, add_generation_prompt=True, tokenize=False)
-        for s in samples
+        for s in [*samples, Sample("", WARMUP, WARMUP_MESSAGES, "")]
     }
     eos = sorted(eos_token_ids(tokenizer, target.model.generation_config))
     small_rows = small_row_setting(args.small_row_linear)
@@ -175,12 +185,13 @@ def main(argv: list[str] | None = None) -> dict:
             "--device", args.device,
             "--confidence-threshold", str(args.confidence_threshold),
             "--min-chain-probability", str(args.min_chain_probability),
+            "--prefix-cache-mb", str(args.prefix_cache_mb),
             "--adaptive" if args.adaptive else "--no-adaptive",
             *([] if args.pipeline is None else ["--pipeline" if args.pipeline else "--no-pipeline"]),
         ]  # fmt: skip
         target_args = [
             "--model", args.target_model, "--dtype", args.target_dtype, "--device", args.device,
-            "--small-row-linear", args.small_row_linear,
+            "--small-row-linear", args.small_row_linear, "--prefix-cache-mb", str(args.prefix_cache_mb),
         ]  # fmt: skip
         pair = stack.enter_context(local_pair(target_args, draft_args, logs=args.out_dir / "logs"))
         args.draft = pair.draft
@@ -193,12 +204,13 @@ def main(argv: list[str] | None = None) -> dict:
     runs: list[
         tuple[str, object, int]
     ] = []  # (name, runner, concurrent requests); HF generate: one at a time
+    def prefix_cache() -> PrefixCache:  # one per run, as each target node has its own
+        return PrefixCache(int(args.prefix_cache_mb * (1 << 20)))
+
     if not args.no_baseline:
-        runs.append(("target-alone", HFRunner(target, settings(), eos), 1))
-    if not args.no_assisted:
-        runs += [
-            (f"hf-assisted K={k}", HFRunner(target, settings(k), eos, assistant=draft), 1) for k in args.k
-        ]
+        runs.append(("target-alone", HFRunner(target, settings(), eos, prefix_cache=prefix_cache()), 1))
+    if not args.no_assisted:  # whole prompts: transformers 5.19's assisted loop goes wrong on a pre-filled cache
+        runs += [(f"hf-assisted K={k}", HFRunner(target, settings(k), eos, assistant=draft), 1) for k in args.k]
     for k in [*args.k, *([0] if args.adaptive else [])]:
         name = f"specwire K={k}" if k else "specwire adaptive"
         if args.openai:

@@ -13,6 +13,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from services.model_loading import LoadedModel
+from services.prefix_cache import PrefixCache
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
 
 
@@ -128,12 +129,24 @@ class _TokenTimes(BaseStreamer):
 
 
 class HFRunner:
-    """The target alone (`assistant` None) or HF assisted generation with `assistant` as the draft."""
+    """The target alone (`assistant` None) or HF assisted generation with `assistant` as the draft.
+    Its `prefix_cache` (its own, as a target node has its own) gives `generate` the KV entries of
+    the longest prefix a prompt shares with earlier ones, as the target node's prefill takes them
+    (the target alone only: with a pre-filled cache, transformers 5.19's assisted generation
+    produced other tokens than without it)."""
 
     def __init__(
-        self, target: LoadedModel, settings: Settings, eos: list[int], assistant: LoadedModel | None = None
+        self,
+        target: LoadedModel,
+        settings: Settings,
+        eos: list[int],
+        assistant: LoadedModel | None = None,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.target, self.settings, self.eos, self.assistant = target, settings, eos, assistant
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
+        if assistant is not None and self.prefix_cache.budget_bytes:
+            raise ValueError("HF assisted generation runs without a prefix cache")
         self.name = "hf-assisted" if assistant else "target-alone"
 
     @torch.inference_mode()
@@ -161,10 +174,12 @@ class HFRunner:
             kwargs |= dict(assistant_model=self.assistant.model)
         streamer = _TokenTimes()
         start = time.perf_counter()
+        _, cache = self.prefix_cache.lookup(ids[0].tolist())
         out = self.target.model.generate(
-            ids, attention_mask=torch.ones_like(ids), streamer=streamer, **kwargs
+            ids, attention_mask=torch.ones_like(ids), streamer=streamer, past_key_values=cache, **kwargs
         )
         seconds = time.perf_counter() - start
+        self.prefix_cache.store(ids[0].tolist(), cache)
         tokens = out[0, ids.shape[1] :].tolist()
         cut = next((i for i, t in enumerate(tokens) if t in self.eos), len(tokens))
         tokens = tokens[:cut]

@@ -40,6 +40,12 @@ class NodeConfig(BaseSettings):
         description="CPU: weight-stationary linears up to this many rows per forward (auto: measured at "
         "start-up; 0: off, stock F.linear)",
     )
+    prefix_cache_mb: float = Field(
+        256.0,
+        ge=0,
+        description="hf models: KV entries of recent prompts kept, so a prompt that starts like an earlier one "
+        "prefills only the rest (0: off)",
+    )
     log_level: str = Field("INFO", description="python logging level")
     tls_cert: Path | None = Field(None, description="serve gRPC over TLS with this certificate (PEM)")
     tls_key: Path | None = Field(None, description="private key of --tls-cert (PEM)")

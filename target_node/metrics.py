@@ -33,6 +33,14 @@ class TargetMetrics:
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
+        self.prefill_tokens = Counter(
+            "specwire_target_prefill_tokens_total",
+            "Prompt tokens at session open: computed, or taken from the prefix cache (source=cached)",
+            ["source"],
+            registry=registry,
+        )
+        for source in ("computed", "cached"):  # exported at 0, so rate() sees the first increase
+            self.prefill_tokens.labels(source)
         self.batch_size = Histogram(
             "specwire_target_batch_size",
             "Verify requests per forward pass",

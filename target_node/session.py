@@ -32,6 +32,7 @@ class Session:
     noise: TokenNoise  # every random number the session draws, keyed by token position
     pending_token: int = -1  # chosen by the target, not yet part of the context
     cache: Any = None  # backend state (HF: the DynamicCache over `token_ids`)
+    cached_prefix: int = 0  # prompt tokens the prefill took from the prefix cache instead of computing
     next_round: int = 0
     owner: str = ANONYMOUS  # caller identity that opened it (services.security.caller_identity)
     last_used: float = field(default_factory=time.monotonic)

@@ -131,6 +131,8 @@ class Verifier:
             )
         with self.metrics.prefill_seconds.time():
             session.pending_token = self.backend.prefill(session)
+        self.metrics.prefill_tokens.labels("cached").inc(session.cached_prefix)
+        self.metrics.prefill_tokens.labels("computed").inc(session.context_length - session.cached_prefix)
         if request.HasField("resume_pending_token_id"):
             session.pending_token = request.resume_pending_token_id
         self.sessions.add(session)

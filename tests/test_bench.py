@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.bench import main, run_interleaved
+from benchmarks.bench import WARMUP, main, run_interleaved
 from benchmarks.bench_data import Sample, gsm8k, humaneval
 from benchmarks.bench_quality import gsm8k_answer, humaneval_program, is_correct
 from benchmarks.bench_report import acceptance_by_position, percentile
@@ -79,9 +79,9 @@ def test_interleaved_runs_take_turns_sample_by_sample():
             return sample_id
 
     samples = [Sample("gsm8k", f"s{i}", [], "") for i in range(3)]
-    prompts = {s.sample_id: "p" for s in samples}
+    prompts = {s.sample_id: "p" for s in samples} | {WARMUP: "w"}
     results = run_interleaved([("a", Recorder("a")), ("b", Recorder("b"))], samples, prompts, warmup=1)
-    assert calls[:2] == [("a", "s0", 8), ("b", "s0", 8)]  # short untimed warm-ups first
+    assert calls[:2] == [("a", WARMUP, 8), ("b", WARMUP, 8)]  # short untimed warm-ups first
     assert calls[2:] == [(run, f"s{i}", 64) for i in range(3) for run in ("a", "b")]
     assert results == {"a": ["s0", "s1", "s2"], "b": ["s0", "s1", "s2"]}
 

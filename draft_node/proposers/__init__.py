@@ -12,6 +12,7 @@ from draft_node.config import DraftConfig
 from draft_node.proposers.base import DraftNoise, Proposer
 from services.compute_thread import ComputeThread
 from services.model_loading import LoadedModel, load_model, load_tokenizer, resolve_model_dir
+from services.prefix_cache import PrefixCache
 from services.rpc.specwire.v1 import target_pb2
 from services.small_row_linear import small_row_setting, use_small_row_linears
 
@@ -55,12 +56,19 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
             use_small_row_linears, loaded.model, small_row_setting(config.small_row_linear), int8=config.weights == "int8"
         )
         eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
+        prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)))
         return Drafter(
             loaded.model_id,
             loaded.tokenizer,
             eos,
             lambda sampling, noise: HFProposer(
-                loaded.model, compute, sampling, noise, config.confidence_threshold, config.min_chain_probability
+                loaded.model,
+                compute,
+                sampling,
+                noise,
+                config.confidence_threshold,
+                config.min_chain_probability,
+                prefix_cache,
             ),
             max_candidates=1,
             stop=compute.stop,

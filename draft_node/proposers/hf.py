@@ -9,6 +9,7 @@ from draft_node.proposers.base import DraftNoise, draft_token
 from services.candidate_tree import ROOT, CandidateTree
 from services.compute_thread import ComputeThread
 from services.kv_cache import new_kv_cache, truncate_kv
+from services.prefix_cache import PrefixCache
 from services.rpc.specwire.v1 import target_pb2
 
 
@@ -19,7 +20,8 @@ class HFProposer:
     token whose own probability is below `confidence_threshold` (HF assisted generation's
     `assistant_confidence_threshold`), or once the probability of the whole chain so far (the
     product of its tokens' probabilities, how EAGLE-2 ranks draft paths) is below
-    `min_chain_probability`. Forwards run on `compute`, the drafter's one torch thread."""
+    `min_chain_probability`. Forwards run on `compute`, the drafter's one torch thread; the first
+    round starts from the longest prompt prefix in `prefix_cache` (shared by the drafter's proposers)."""
 
     def __init__(
         self,
@@ -29,6 +31,7 @@ class HFProposer:
         noise: DraftNoise | None = None,
         confidence_threshold: float = 0.0,
         min_chain_probability: float = 0.0,
+        prefix_cache: PrefixCache | None = None,
     ) -> None:
         self.model = model
         self.compute = compute
@@ -36,6 +39,7 @@ class HFProposer:
         self.noise = noise or DraftNoise.for_strategy(0, "")
         self.confidence_threshold = confidence_threshold
         self.min_chain_probability = min_chain_probability
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
         self.device = next(model.parameters()).device
         self.cache = new_kv_cache()
         self.cached_ids: list[int] = []  # tokens whose KV entries are in self.cache
@@ -49,6 +53,10 @@ class HFProposer:
         tree = CandidateTree()
         if k <= 0:
             return tree
+        first_round = not self.cached_ids
+        if first_round:
+            cached, self.cache = self.prefix_cache.lookup(context)
+            self.cached_ids = context[:cached]
         shared = 0
         limit = min(len(self.cached_ids), len(context) - 1)  # feed at least one token for fresh logits
         while shared < limit and self.cached_ids[shared] == context[shared]:
@@ -63,6 +71,8 @@ class HFProposer:
                 use_cache=True,
                 logits_to_keep=1,
             )
+            if first_round and depth == 0:
+                self.prefix_cache.store(context, self.cache)
             logits = out.logits[0, -1].float()
             token, q = draft_token(logits, self.sampling, self.noise, len(context) + depth)
             tree.parents.append(ROOT if depth == 0 else depth - 1)

@@ -15,8 +15,9 @@ from transformers import DynamicCache, PreTrainedModel
 from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
 from services.compute_thread import ComputeThread
-from services.kv_cache import kv_buffers, kv_nbytes, new_kv_cache, truncate_kv
+from services.kv_cache import kv_buffers, kv_nbytes, truncate_kv
 from services.model_loading import LoadedModel
+from services.prefix_cache import PrefixCache
 from services.small_row_linear import small_row_setting, use_small_row_linears
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
@@ -86,6 +87,7 @@ class HFBackend(VerifyBackend):
             use_small_row_linears, self.model, small_row_setting(config.small_row_linear)
         )
         self.min_rows = config.pad_verify_rows
+        self.prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)))
         self.kernels = self.compute.run(load_kernels, config.kernels, self.device)
         self.compute.run(check_tree_attention, self.model, loaded.model_id)
         self.batcher: MicroBatcher[ForwardJob, torch.Tensor] = MicroBatcher(
@@ -101,13 +103,14 @@ class HFBackend(VerifyBackend):
 
     @torch.inference_mode()
     def _prefill(self, session: Session) -> int:
-        session.cache = new_kv_cache()
+        session.cached_prefix, session.cache = self.prefix_cache.lookup(session.token_ids)
         out = self.model(
-            input_ids=torch.tensor([session.token_ids], device=self.device),
+            input_ids=torch.tensor([session.token_ids[session.cached_prefix :]], device=self.device),
             past_key_values=session.cache,
             use_cache=True,
             logits_to_keep=1,
         )
+        self.prefix_cache.store(session.token_ids, session.cache)
         return session.strategy.first_token(out.logits[0, -1].float(), session.noise, session.context_length)
 
     def verify(self, session: Session, tree: CandidateTree) -> RoundResult:
