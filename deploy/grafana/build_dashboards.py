@@ -107,6 +107,12 @@ def overview() -> dict:
                     ("sum(specwire_target_kv_cache_bytes)", "KV bytes"),
                 ],
             ),
+            panel(
+                "Prompt tokens prefilled",
+                [(rate("specwire_target_prefill_tokens_total", by="source"), "{{source}}")],
+                "short",
+                stack=True,
+            ),
         ],
     )
 
