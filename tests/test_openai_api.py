@@ -216,7 +216,6 @@ def test_stream_chunks_carry_provenance_and_rounds(api, target_model):
     tokens = [t for c in chunks for t in c["specwire"]["tokens"]]
     assert "".join(t["text"] for t in tokens) == "".join(c["choices"][0]["text"] for c in chunks)
     assert tokens[0]["source"] == "target" and tokens[0]["logprob"] is None  # the token after the prompt
-    assert {t["source"] for t in tokens[1:]} <= {"accepted", "recovered", "bonus"}
     assert {"accepted", "recovered"} <= {t["source"] for t in tokens}  # the noisy draft is right and wrong
     assert all(t["logprob"] <= 0 for t in tokens[1:])
     rounds = [c["specwire"]["round"] for c in chunks if "round" in c["specwire"]]
@@ -224,6 +223,10 @@ def test_stream_chunks_carry_provenance_and_rounds(api, target_model):
         if "round" not in chunk["specwire"]:
             continue
         round_, sources = chunk["specwire"]["round"], [t["source"] for t in chunk["specwire"]["tokens"]]
+        if not round_["drafted"]:  # nothing left to draft for (the last token before max_tokens)
+            assert sources == ["target"] and not round_["candidates"]
+            continue
+        assert set(sources) <= {"accepted", "recovered", "bonus"}
         assert sources.count("accepted") == round_["accepted"] <= round_["drafted"] <= 3
         assert round_["candidates"][0]["accepted"] == round_["accepted"]
         assert len(round_["candidates"][0]["tokens"]) == round_["drafted"]
