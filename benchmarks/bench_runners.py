@@ -152,7 +152,8 @@ class HFRunner:
     @torch.inference_mode()
     def generate(self, sample_id: str, prompt_text: str) -> Generation:
         s = self.settings
-        ids = torch.tensor([self.target.tokenizer.encode(prompt_text)], device=self.target.model.device)
+        prompt_ids = self.target.tokenizer.encode(prompt_text)
+        ids = torch.tensor([prompt_ids], device=self.target.model.device)
         kwargs: dict = dict(
             max_new_tokens=s.max_tokens,
             eos_token_id=self.eos,
@@ -174,12 +175,12 @@ class HFRunner:
             kwargs |= dict(assistant_model=self.assistant.model)
         streamer = _TokenTimes()
         start = time.perf_counter()
-        _, cache = self.prefix_cache.lookup(ids[0].tolist())
+        _, cache = self.prefix_cache.lookup(prompt_ids)
         out = self.target.model.generate(
             ids, attention_mask=torch.ones_like(ids), streamer=streamer, past_key_values=cache, **kwargs
         )
         seconds = time.perf_counter() - start
-        self.prefix_cache.store(ids[0].tolist(), cache)
+        self.prefix_cache.store(prompt_ids, cache)
         tokens = out[0, ids.shape[1] :].tolist()
         cut = next((i for i, t in enumerate(tokens) if t in self.eos), len(tokens))
         tokens = tokens[:cut]

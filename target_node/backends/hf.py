@@ -166,9 +166,9 @@ class HFBackend(VerifyBackend):
         self.compute.stop()
 
     def _forward_batch(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
-        if len(jobs) > 1:
-            return self.compute.run(self._batched_forward, jobs)
-        return [self.compute.run(self._single_forward, jobs[0])]
+        return self.compute.run(
+            lambda: self._batched_forward(jobs) if len(jobs) > 1 else [self._single_forward(jobs[0])]
+        )
 
     @torch.inference_mode()
     def _single_forward(self, job: ForwardJob) -> torch.Tensor:
