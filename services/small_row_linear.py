@@ -13,23 +13,20 @@ counts (prefill) keep `F.linear`; the crossover is measured on the device at sta
 from __future__ import annotations
 
 import functools
-import hashlib
-import importlib.util
 import logging
-import shutil
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from services.cpu_extension import load_extension
+
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).parent / "cpu" / "small_row_linear.cpp"
 CANDIDATE_ROWS = (2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Tensor]
 
@@ -37,39 +34,12 @@ LinearFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor | None], torch.Ten
 @functools.cache
 def cpu_extension() -> ModuleType | None:
     """The AVX2 kernel, built on first use (about a minute) and then loaded from torch's extension
-    cache (named by the source's hash); None where this CPU or machine cannot run or build it."""
-    if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
-        return None
-    from torch.utils.cpp_extension import load
-
-    name = f"specwire_small_row_linear_{hashlib.sha256(SOURCE.read_bytes()).hexdigest()[:16]}"
-    if shutil.which("c++") is None and (prebuilt := _prebuilt_extension(name)) is not None:
-        return prebuilt
+    cache; None where this CPU or machine cannot run or build it."""
     try:
-        return load(
-            name=name,
-            sources=[str(SOURCE)],
-            extra_cflags=["-O3", "-mavx2", "-mfma", "-fopenmp"],
-            extra_ldflags=["-fopenmp"],
-            verbose=False,
-        )
-    except Exception as exc:  # no compiler or headers: the torch fallback still works
-        log.warning("small-row linear kernel not built (%s); using torch's weight-stationary product", exc)
+        return load_extension("small_row_linear", ["small_row_linear.cpp"], ["-O3", "-mavx2", "-mfma", "-fopenmp"])
+    except RuntimeError as exc:  # no compiler or headers: the torch fallback still works
+        log.warning("small-row linear kernel not available (%s); using torch's weight-stationary product", exc)
         return None
-
-
-def _prebuilt_extension(name: str) -> ModuleType | None:
-    """The kernel an image built earlier (deploy/Dockerfile's build stage), imported without the
-    compiler that torch's `load` wants even for an up-to-date build: runtime images carry none."""
-    from torch.utils.cpp_extension import _get_build_directory
-
-    path = Path(_get_build_directory(name, verbose=False)) / f"{name}.so"
-    spec = importlib.util.spec_from_file_location(name, path) if path.exists() else None
-    if spec is None or spec.loader is None:
-        return None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def weight_stationary_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:

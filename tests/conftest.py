@@ -23,6 +23,7 @@ from services.rpc.specwire.v1 import draft_pb2_grpc, target_pb2_grpc
 from target_node.config import TargetConfig
 from target_node.server import start_target
 from target_node.verifier import Verifier
+from tests.tiny_gguf import DRAFT_TYPES, build_gguf
 from tests.tiny_models import build_model, build_tokenizer
 
 
@@ -44,6 +45,25 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> TinyModels:
     random = build_model(root / "random", tokenizer, seed=2)
     other = build_model(root / "other", build_tokenizer(root / "tok2", vocab_size=380), seed=3)
     return TinyModels(str(target), str(target), str(noisy), str(random), str(other))
+
+
+@dataclass
+class TinyGGUF:
+    target: str  # K-quants (Q4_K, Q6_K) like the packaged 1.5B
+    draft_noisy: str  # the target's weights plus noise, same blocks
+    draft_small: str  # a smaller model in Q5_0 / Q8_0 / Q6_K like the packaged 0.5B (hidden size 128)
+
+
+@pytest.fixture(scope="session")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> TinyGGUF:
+    root = tmp_path_factory.mktemp("tiny-gguf")
+    tokenizer = build_tokenizer(root / "tok")
+    target = build_gguf(root / "target.gguf", tokenizer, seed=0)
+    noisy = build_gguf(root / "noisy.gguf", tokenizer, seed=1, perturb_from=target, noise=0.02)
+    small = build_gguf(
+        root / "small.gguf", tokenizer, seed=2, hidden_size=128, intermediate_size=256, types=DRAFT_TYPES
+    )
+    return TinyGGUF(str(target), str(noisy), str(small))
 
 
 @pytest.fixture(scope="session")
