@@ -36,8 +36,8 @@ SUITES: dict[str, dict[str, tuple[list[str], list[str], dict[str, str]]]] = {
         "one core each, pipelined": (["--threads", "1"], ["--threads", "1", "--pipeline"], {}),
     },
     "draft": {
-        "hf fp32": ([], ["--dtype", "float32", "--weights", "model"], {}),
-        "hf bf16": ([], ["--dtype", "bfloat16", "--weights", "model"], {}),
+        "hf fp32": ([], ["--dtype", "float32", "--weights", "fp32"], {}),
+        "hf bf16": ([], ["--dtype", "bfloat16", "--weights", "fp32"], {}),
         "hf bf16, int8 steps": ([], ["--dtype", "bfloat16", "--weights", "int8"], {}),
         "hf fp32, int8 steps (default)": ([], ["--dtype", "float32", "--weights", "int8"], {}),
         "vllm N=1": ([], ["--proposer", "vllm", "--num-candidates", "1", "--dtype", "float32"], {}),

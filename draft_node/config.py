@@ -21,12 +21,20 @@ class DraftConfig(NodeConfig):
         "(on a CPU without bf16 instructions a bfloat16 prefill is ~7x slower than float32; with --weights "
         "int8, decode steps and the prompt prefill read the int8 copy)",
     )
-    weights: Literal["model", "int8"] = Field(
-        "int8",
-        description="hf proposer on a CPU: weights its forwards read: the model's (--dtype), or a weight-only "
-        "int8 copy (per-row scales; half of bfloat16's bytes; decode steps in the int16 x int8 kernel, prompt "
-        "prefills in torch's quantized GEMM; changes acceptance, never the output)",
+    weights: Literal["auto", "gguf", "fp32", "int8"] = Field(
+        "auto",
+        description="hf proposer: weights its forwards read: gguf, the GGUF file's quantized blocks (CPU kernels); "
+        "fp32, a transformers model in --dtype; int8, a weight-only int8 copy of that model (per-row scales, CPU "
+        "kernel); auto: gguf for a GGUF model on a CPU, else int8 on a CPU, else fp32. Changes acceptance, never "
+        "the output",
     )
+    draft_vocab: int = Field(
+        32768,
+        ge=0,
+        description="gguf: the output head covers only the first ids of the vocabulary (frequent BPE merges come "
+        "first): tokens past it are never drafted, the target supplies them (0: the whole vocabulary)",
+    )
+    prefill_chunk_tokens: int = Field(256, ge=16, description="gguf: prompt tokens per forward")
     port: int = Field(50052, description="gRPC port of the DraftService (0: pick a free one)")
     metrics_port: int = Field(
         9102, ge=-1, description="Prometheus /metrics port (0: pick a free one, -1: off)"

@@ -108,6 +108,32 @@ def dequantize_gguf(gguf_path: Path, dest: Path) -> Path:
     return dest
 
 
+def model_id_of(spec: str) -> str:
+    """The name a model goes by (Info, metrics): a packaged name, else the file or directory name."""
+    return spec if spec in PACKAGED_MODELS else Path(spec).name
+
+
+def gguf_source(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path | None:
+    """The GGUF file a model spec names (a packaged model's assembled file), or None (a HF directory)."""
+    if spec in PACKAGED_MODELS:
+        return assemble_packaged_gguf(spec, cache_dir)
+    path = Path(spec).expanduser()
+    return path if path.is_file() and path.suffix == ".gguf" else None
+
+
+def resolve_weights(weights: str, spec: str, device: str) -> str:
+    """`auto`: gguf for a GGUF model (a .gguf file or a packaged name) on a CPU, else fp32."""
+    if weights != "auto":
+        if weights == "gguf" and (resolve_device(device).type != "cpu" or not is_gguf_spec(spec)):
+            raise ValueError("--weights gguf needs a GGUF model (a .gguf file or a packaged name) on a CPU")
+        return weights
+    return "gguf" if resolve_device(device).type == "cpu" and is_gguf_spec(spec) else "fp32"
+
+
+def is_gguf_spec(spec: str) -> bool:
+    return spec in PACKAGED_MODELS or (Path(spec).expanduser().suffix == ".gguf" and Path(spec).expanduser().is_file())
+
+
 def resolve_model_dir(spec: str, cache_dir: Path = DEFAULT_CACHE_DIR) -> Path:
     """Turn a model spec into a HF model directory, assembling/dequantizing GGUF as needed."""
     if spec in PACKAGED_MODELS:
@@ -158,7 +184,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=resolve_dtype(dtype))
     model.to(target).eval()
     tokenizer = load_tokenizer(model_dir)
-    model_id = spec if spec in PACKAGED_MODELS else Path(spec).name
+    model_id = model_id_of(spec)
     return LoadedModel(model_id=model_id, model=model, tokenizer=tokenizer)
 
 

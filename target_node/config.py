@@ -20,7 +20,17 @@ class TargetConfig(NodeConfig):
         9101, ge=-1, description="Prometheus /metrics port (0: pick a free one, -1: off)"
     )
     backend: Literal["hf", "vllm"] = Field(
-        "hf", description="hf: transformers, tree attention, every strategy; vllm: vLLM engine, greedy only"
+        "hf", description="hf: tree attention, every strategy (GGUF or transformers weights, --weights); "
+        "vllm: vLLM engine, greedy only"
+    )
+    weights: Literal["auto", "gguf", "fp32"] = Field(
+        "auto",
+        description="gguf: compute with the GGUF file's quantized blocks (CPU kernels: a quarter to a sixth of "
+        "fp32's bytes per token); fp32: dequantize once into a transformers model in --dtype; auto: gguf for a "
+        "GGUF model on a CPU, else fp32",
+    )
+    prefill_chunk_tokens: int = Field(
+        256, ge=16, description="gguf: prompt tokens per forward; longer prompts take turns with other sessions' rounds"
     )
     kernels: Literal["auto", "cuda", "triton", "torch"] = Field(
         "auto",
@@ -41,9 +51,11 @@ class TargetConfig(NodeConfig):
     )
     max_tree_nodes: int = Field(64, ge=1, description="candidate trie nodes per verify round")
     max_batch_size: int = Field(
-        8, ge=1, description="verify requests of different sessions run in one forward"
+        32, ge=1, description="verify rounds (and prompt chunks) of different sessions run in one forward"
     )
-    batch_wait_ms: float = Field(2.0, ge=0, description="how long a verify waits for others to batch with")
+    batch_wait_ms: float = Field(
+        2.0, ge=0, description="fp32 weights: how long a verify waits for others to batch with (gguf: never waits)"
+    )
     pad_verify_rows: int = Field(
         1,
         ge=1,

@@ -11,7 +11,7 @@ PROMPTS = ["def add(a, b):", "Natalia sold clips to 48 of her friends", "The qui
 
 def test_draft_equal_to_target_accepts_everything(tiny, target_model, pair_factory):
     # the very same numbers as the target, and full chains (the tiny model is unsure of its tokens)
-    pair = pair_factory(tiny.draft_same, weights="model", min_chain_probability=0)
+    pair = pair_factory(tiny.draft_same, weights="fp32", min_chain_probability=0)
     k = 4
     tokens, chunks = collect(
         pair.draft_stub, prompt="def add(a, b):", max_tokens=41, num_speculative_tokens=k
@@ -80,7 +80,7 @@ def test_max_tokens_is_exact(tiny, pair_factory):
 
 @pytest.mark.parametrize("draft", ["draft_same", "draft_noisy"])
 def test_pipelining_keeps_outputs_identical_and_reports_hits(tiny, target_model, pair_factory, draft):
-    weights = "model" if draft == "draft_same" else "int8"  # draft_same: the target's very numbers
+    weights = "fp32" if draft == "draft_same" else "int8"  # draft_same: the target's very numbers
     # full chains: a look-ahead chain that ended at its bonus guess leaves nothing to reuse
     pair = pair_factory(getattr(tiny, draft), pipeline=True, weights=weights, min_chain_probability=0)
     for prompt in PROMPTS:

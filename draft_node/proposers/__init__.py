@@ -11,7 +11,16 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from draft_node.config import DraftConfig
 from draft_node.proposers.base import DraftNoise, Proposer
 from services.compute_thread import ComputeThread
-from services.model_loading import LoadedModel, load_model, load_tokenizer, resolve_model_dir
+from services.model_loading import (
+    LoadedModel,
+    gguf_source,
+    load_model,
+    load_tokenizer,
+    model_id_of,
+    resolve_device,
+    resolve_model_dir,
+    resolve_weights,
+)
 from services.prefix_cache import PrefixCache
 from services.rpc.specwire.v1 import target_pb2
 from services.small_row_linear import small_row_setting, use_small_row_linears
@@ -46,14 +55,59 @@ def _generation_config(model_dir: Path) -> GenerationConfig | None:
         return None
 
 
+def load_gguf_drafter(config: DraftConfig) -> Drafter:
+    from draft_node.proposers.gguf import GGUFProposer
+    from services.forward_loop import ForwardLoop
+    from services.gguf_decoder import GGUFDecoder
+    from services.gguf_file import GGUFFile
+    from services.prefix_cache import KVBufferCopies
+
+    file = GGUFFile(gguf_source(config.model, config.cache_dir))
+    tokenizer = file.tokenizer(config.cache_dir)
+    eos = eos_token_ids(tokenizer, None) | file.eos_token_ids()
+    decoder = GGUFDecoder(file, output_rows=config.draft_vocab or None)
+    loop: ForwardLoop = ForwardLoop(decoder, "gguf-draft", max_rows=config.prefill_chunk_tokens)
+    prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)), KVBufferCopies(decoder.new_cache))
+    return Drafter(
+        model_id_of(config.model),
+        tokenizer,
+        eos,
+        lambda sampling, noise: GGUFProposer(
+            loop,
+            sampling,
+            noise,
+            config.confidence_threshold,
+            config.min_chain_probability,
+            prefix_cache,
+            config.prefill_chunk_tokens,
+        ),
+        max_candidates=1,
+        stop=loop.stop,
+    )
+
+
+def draft_weights(config: DraftConfig, loaded: LoadedModel | None) -> str:
+    """The hf proposer's weights: `auto` is gguf for a GGUF model on a CPU, else int8 on a CPU
+    (the int8 kernel), else fp32."""
+    if loaded is not None and config.weights == "auto":  # a transformers model given by the caller
+        return "int8" if loaded.model.device.type == "cpu" else "fp32"
+    weights = resolve_weights(config.weights, config.model, config.device)
+    if config.weights == "auto" and weights == "fp32" and resolve_device(config.device).type == "cpu":
+        return "int8"
+    return weights
+
+
 def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Drafter:
+    weights = draft_weights(config, loaded) if config.proposer == "hf" else "fp32"
+    if weights == "gguf":
+        return load_gguf_drafter(config)
     if config.proposer == "hf":
         from draft_node.proposers.hf import HFProposer
 
         loaded = loaded or load_model(config.model, config.dtype, config.cache_dir, config.device)
         compute = ComputeThread("hf-draft-compute")  # concurrent generations take turns on the one model
         compute.run(
-            use_small_row_linears, loaded.model, small_row_setting(config.small_row_linear), int8=config.weights == "int8"
+            use_small_row_linears, loaded.model, small_row_setting(config.small_row_linear), int8=weights == "int8"
         )
         eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
         prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)))

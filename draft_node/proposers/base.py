@@ -53,6 +53,36 @@ def draft_token(
     return token, SparseProbs(support.tolist(), probs[support].tolist())
 
 
+@dataclass
+class ChainRule:
+    """How a draft chain picks its tokens and where it ends. A token the draft is unsure of is
+    seldom accepted and each costs a draft step, so a chain ends after a token whose own
+    probability is below `confidence_threshold` (HF assisted generation's
+    `assistant_confidence_threshold`), or once the probability of the whole chain so far (the
+    product of its tokens' probabilities, how EAGLE-2 ranks draft paths) is below
+    `min_chain_probability` (0: off, for both)."""
+
+    sampling: target_pb2.SamplingParams
+    noise: DraftNoise
+    confidence_threshold: float = 0.0
+    min_chain_probability: float = 0.0
+    probability: float = 1.0  # of the chain so far
+
+    def start(self) -> ChainRule:
+        self.probability = 1.0
+        return self
+
+    def next_token(self, logits: torch.Tensor, position: int) -> tuple[int, SparseProbs | None, bool]:
+        """The token at `position`, its sparse q (None when greedy), and whether the chain goes on."""
+        token, q = draft_token(logits, self.sampling, self.noise, position)
+        if self.confidence_threshold or self.min_chain_probability:
+            probability = float(logits.softmax(-1)[token])
+            self.probability *= probability
+            if probability < self.confidence_threshold or self.probability < self.min_chain_probability:
+                return token, q, False
+        return token, q, True
+
+
 def draft_sampling(request: target_pb2.SamplingParams, max_top_k: int) -> target_pb2.SamplingParams:
     """The draft samples like the request but keeps at most `max_top_k` tokens, so q stays small."""
     top_k = min(request.top_k, max_top_k) if request.top_k else max_top_k

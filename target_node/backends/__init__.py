@@ -1,10 +1,19 @@
-"""Verifier backends: `hf` (transformers, tree attention, any strategy) or `vllm` (greedy only)."""
+"""Verifier backends: `hf` (tree attention, any strategy; the GGUF decoder or transformers, by
+--weights) or `vllm` (greedy only)."""
 
 from __future__ import annotations
 
 from prometheus_client import CollectorRegistry
 
-from services.model_loading import LoadedModel, load_model, load_tokenizer, resolve_model_dir
+from services.model_loading import (
+    LoadedModel,
+    gguf_source,
+    load_model,
+    load_tokenizer,
+    model_id_of,
+    resolve_model_dir,
+    resolve_weights,
+)
 from services.tokenizer_fingerprint import tokenizer_fingerprint
 from target_node.config import TargetConfig
 from target_node.metrics import TargetMetrics
@@ -20,6 +29,14 @@ def build_verifier(config: TargetConfig, loaded: LoadedModel | None = None) -> V
         tokenizer = load_tokenizer(model_dir)
         backend = VllmBackend(str(model_dir), config)
         model_id = config.model
+    elif loaded is None and resolve_weights(config.weights, config.model, config.device) == "gguf":
+        from services.gguf_decoder import GGUFDecoder
+        from services.gguf_file import GGUFFile
+        from target_node.backends.gguf import GGUFBackend
+
+        file = GGUFFile(gguf_source(config.model, config.cache_dir))
+        tokenizer, model_id = file.tokenizer(config.cache_dir), model_id_of(config.model)
+        backend = GGUFBackend(GGUFDecoder(file), config)
     else:
         from target_node.backends.hf import HFBackend
 

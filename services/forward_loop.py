@@ -1,0 +1,165 @@
+"""Continuous batching for a GGUF decoder: one compute thread runs forward after forward, and each
+forward takes the next rows of every job waiting (a verify tree, a chunk of a prompt, one step of
+a draft chain), so the weights are read once for all of them. A job that needs more forwards (a
+long prompt, a chain) stays for the next one; a job that arrives while a forward runs joins the
+next, without waiting for a batch to fill.
+
+Everything a job does with its logits (a strategy's decision, KV compaction, drawing a draft
+token) runs on the same thread, inside the loop: a round is one hop. The thread is also the only
+one that runs torch work for the decoder (see services/compute_thread.py for why).
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future
+from typing import Generic, Protocol, TypeVar
+
+import torch
+
+from services.errors import Unavailable
+from services.gguf_decoder import GGUFDecoder, Rows
+
+log = logging.getLogger(__name__)
+R = TypeVar("R")
+
+
+class ForwardJob(Protocol[R]):
+    """A forward leaves a sequence's buffer as it was if it fails, so only `take` changes state."""
+
+    result: R
+    batch_size: int  # jobs in the forward that served its last rows (set by the loop)
+
+    def next_rows(self) -> Rows:
+        """The rows this job adds to the next forward (no side effects: it may not be run)."""
+        ...
+
+    def take(self, logits: torch.Tensor) -> bool:
+        """Use the logits of those rows; True when the job is done (`result` set). On an error it
+        leaves the job's state consistent and raises: the job fails, the others go on."""
+        ...
+
+
+class ForwardLoop(Generic[R]):
+    def __init__(self, decoder: GGUFDecoder, name: str, max_rows: int = 512, max_jobs: int = 64) -> None:
+        """`max_rows`: rows one forward takes (a long prompt is split into chunks of at most this);
+        `max_jobs`: jobs one forward takes."""
+        self.decoder = decoder
+        self.max_rows = max_rows
+        self.max_jobs = max_jobs
+        self._arrivals: queue.Queue[tuple[ForwardJob, Future] | Callable[[], None] | None] = queue.Queue()
+        self._stopped = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+        self._thread.start()
+
+    def run(self, job: ForwardJob[R]) -> R:
+        """Run `job` to completion (blocking) and return its result."""
+        future: Future = Future()
+        if self._stopped.is_set():
+            raise Unavailable("the node is shutting down")
+        self._arrivals.put((job, future))
+        return future.result()
+
+    def call(self, fn: Callable[[], R]) -> R:
+        """`fn()` on the compute thread between forwards (model set-up, cache copies)."""
+        if threading.current_thread() is self._thread:
+            return fn()
+        future: Future = Future()
+
+        def task() -> None:
+            try:
+                future.set_result(fn())
+            except BaseException as exc:  # noqa: BLE001 - handed to the caller
+                future.set_exception(exc)
+
+        self._arrivals.put(task)
+        return future.result()
+
+    def stop(self) -> None:
+        """Finish the forward in flight; jobs not done fail with UNAVAILABLE."""
+        self._stopped.set()
+        self._arrivals.put(None)
+        self._thread.join(timeout=60)
+
+    def _loop(self) -> None:
+        active: list[tuple[ForwardJob, Future]] = []
+        while True:
+            try:
+                item = self._arrivals.get(block=not active)
+            except queue.Empty:
+                item = False  # nothing new: keep going with the active jobs
+            while item is not False:
+                if item is None:
+                    self._fail(active, Unavailable("the node is shutting down"))
+                    self._drain()
+                    return
+                if callable(item):
+                    item()
+                else:
+                    active.append(item)
+                try:
+                    item = self._arrivals.get_nowait()
+                except queue.Empty:
+                    item = False
+            active = self._forward(active)
+
+    def _forward(self, active: list[tuple[ForwardJob, Future]]) -> list[tuple[ForwardJob, Future]]:
+        """One forward over the next rows of the first jobs that fit; returns the jobs still active."""
+        batch, rows, budget = [], [], self.max_rows
+        for job, future in active[: self.max_jobs]:
+            try:
+                job_rows = job.next_rows()
+            except BaseException as exc:  # noqa: BLE001 - the job's own error
+                future.set_exception(exc)
+                continue
+            if batch and len(job_rows.token_ids) > budget:
+                continue
+            batch.append((job, future))
+            rows.append(job_rows)
+            budget -= len(job_rows.token_ids)
+        finished = {id(f) for _, f in active if f.done()}
+        if batch:
+            try:
+                logits = self.decoder.forward(rows)
+            except BaseException as exc:  # noqa: BLE001
+                self._after_failed_forward(batch, exc)
+            else:
+                for (job, future), job_logits in zip(batch, logits, strict=True):
+                    job.batch_size = len(batch)
+                    try:
+                        if job.take(job_logits):
+                            future.set_result(job.result)
+                    except BaseException as exc:  # noqa: BLE001 - the job's own error
+                        future.set_exception(exc)
+        return [(job, future) for job, future in active if not future.done() and id(future) not in finished]
+
+    def _after_failed_forward(self, batch: list[tuple[ForwardJob, Future]], exc: BaseException) -> None:
+        """Alone, a job fails with the error; with others, each is retried alone."""
+        if len(batch) == 1:
+            batch[0][1].set_exception(exc)
+            return
+        log.warning("a forward of %d jobs failed (%s); running them one by one", len(batch), exc)
+        for job, future in batch:
+            try:
+                logits = self.decoder.forward([job.next_rows()])[0]
+                if job.take(logits):
+                    future.set_result(job.result)
+            except BaseException as alone:  # noqa: BLE001
+                future.set_exception(alone)
+
+    def _fail(self, active: list[tuple[ForwardJob, Future]], exc: BaseException) -> None:
+        for _, future in active:
+            if not future.done():
+                future.set_exception(exc)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                item = self._arrivals.get_nowait()
+            except queue.Empty:
+                return
+            if isinstance(item, tuple) and not item[1].done():
+                item[1].set_exception(Unavailable("the node is shutting down"))
