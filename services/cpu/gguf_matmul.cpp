@@ -4,25 +4,28 @@
 // Why: decoding on a CPU is bound by the weight bytes read per token, and the packaged 1.5B target
 // is 1.1 GB of Q4_K/Q6_K blocks, 6.2 GB as float32.
 //
-// Layout: at load, each tensor's blocks are regrouped (`repack`) per 16 weight rows, as llama.cpp
-// repacks K-quants for its CPU kernels: the same bits, arranged so that one 64-byte load and a
-// mask or shift give 64 values in the activations' order, and 16 rows' scales sit side by side.
+// Layout: at load, each tensor's blocks are regrouped (`repack`) per 16 weight rows into columns,
+// as llama.cpp repacks K-quants for its CPU kernels: the same bits, arranged so that a 64-byte
+// row of a record holds 4 consecutive values of each of the 16 weight rows. One vpdpbusd of such
+// a row with 4 activation values (broadcast) adds to all 16 rows' products at once, in 16 lanes
+// that are the 16 outputs: no horizontal sums, for one activation row or many. (These 8 x 64-byte
+// tiles are also the layout of AMX's B tiles.)
 //
-// Exactness: the integer part of every product is exact (u8 x s8 pair sums, 16-bit scales,
-// int32), however it is computed; the float part combines those integers in one fixed sequence per
-// output (`combine_k`, `combine_b`). So an output row is bitwise the same whether it is computed
-// alone (a decode step), with a few others (a verify tree) or with hundreds (a prompt prefill).
+// Exactness: the integer part of every product is exact (u8 x s8 sums, scales in int32),
+// however it is computed; the float part combines those integers in one fixed sequence per output
+// (`combine_k`, `combine_b`). So an output row is bitwise the same whether it is computed alone
+// (a decode step), with a few others (a verify tree) or with hundreds (a prompt prefill).
 //
 // Two families:
-//   K-quants (Q4_K, Q6_K): super-blocks of 256 weights with a scale (and min) per 16 or 32.
+//   K-quants (Q4_K, Q6_K): super-blocks of 256 weights with a scale (and min) per 32 or 16.
 //     x rows in "Q8_K": int8 with one float scale per 256 and int16 sums per 16. Per (x row,
-//     weight row, super-block): I = sum_j scale_j * (q_j . x_j), Mn = sum_g min_g * xsum_g, then
+//     weight row, super-block): I = sum_j scale_j * (q_j . x_j), Mn = sum_j min_j * xsum_j, then
 //     acc = (acc + (xd * d) * I) - (xd * dmin) * Mn.
 //   32-blocks (Q4_0, Q5_0, Q8_0): one fp16 scale per 32 weights, values stored with an offset.
 //     x rows in "Q8_0": int8 with one float scale per 32 and each block's sum. Per block:
 //     J = q . x - offset * xsum, acc = acc + (xd * d) * J.
-// Threads split the output columns in groups of 16 weight rows; each group's blocks are read from
-// memory once for all x rows (64 at a time).
+// Threads split the output columns in groups of 16 weight rows; each group's records are read
+// from memory once for all x rows (64 at a time).
 #include <immintrin.h>
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
@@ -31,7 +34,11 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <tuple>
 #include <vector>
+
+#include <sys/syscall.h>
+#include <unistd.h>
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__) && defined(__AVX512VNNI__)
 #define SPECWIRE_AVX512 1
@@ -53,33 +60,36 @@ struct BlockQ8_0 { uint16_t d; int8_t qs[32]; };
 static_assert(sizeof(BlockQ4K) == 144 && sizeof(BlockQ6K) == 210 && sizeof(BlockQ4_0) == 18 &&
               sizeof(BlockQ5_0) == 22 && sizeof(BlockQ8_0) == 34, "ggml block sizes");
 
-// ---- repacked records: 16 weight rows x one super-block (K) or two blocks (32) ------------------
-// Q4_K / Q6_K: byte i of the 64-byte chunk c holds values 128c + i (low nibble) and 128c + 64 + i
-// (high nibble), so chunk c gives values 128c .. 128c + 63 and 128c + 64 .. 128c + 127 in order.
+// ---- repacked records: 16 weight rows x one super-block (K) or two blocks (32) -------------------
+// A tile is 8 rows of 64 bytes over 32 values: byte 4n + i of row r holds value 4r + i of weight row
+// n. Q4_K / Q6_K: tile t covers values 32t .. 32t + 31 of the super-block; their low 4 bits are
+// packed two tiles to a byte (tile 2p in the low nibble, 2p + 1 in the high one).
 struct Q4KRec {
-  uint8_t qs[NG][128];
-  uint8_t scales_mins[NG][16];  // 8 six-bit scales, then 8 six-bit mins, one byte each
+  uint8_t qs[4][8][64];
+  uint8_t scales[8][NG];  // [sub-block of 32][row]: six-bit scale
+  uint8_t mins[8][NG];    // six-bit min
   uint16_t d[NG], dmin[NG];
 };
 struct Q6KRec {
-  uint8_t ql[NG][128];  // low 4 bits, arranged as Q4_K's nibbles
-  uint8_t qh[NG][64];   // high 2 bits: byte i holds those of values i, 64 + i, 128 + i, 192 + i
-  int8_t scales[NG][16];
+  uint8_t ql[4][8][64];  // low 4 bits, as Q4_K's
+  uint8_t qh[2][8][64];  // high 2 bits: plane h, bits 2u, 2u + 1 hold tile 4h + u's
+  int8_t scales[16][NG];  // [group of 16][row]
   uint16_t d[NG];
 };
-// Q4_0 / Q5_0 / Q8_0 over 64 values (two blocks): nibble byte i holds values i and 32 + i.
+// Q4_0 / Q5_0 / Q8_0: two blocks of 32 values; block b is a tile (Q4_0 / Q5_0: block 0 in the low
+// nibbles, block 1 in the high ones; Q5_0's fifth bits as one 64-bit mask per tile row).
 struct Q40Rec {
-  uint8_t qs[NG][32];
-  uint16_t d[NG][2];
+  uint8_t qs[8][64];
+  uint16_t d[2][NG];
 };
 struct Q50Rec {
-  uint8_t qs[NG][32];
-  uint64_t qh[NG];  // bit v: the fifth bit of value v
-  uint16_t d[NG][2];
+  uint8_t qs[8][64];
+  uint64_t qh[2][8];
+  uint16_t d[2][NG];
 };
 struct Q80Rec {
-  int8_t qs[NG][64];
-  uint16_t d[NG][2];
+  int8_t qs[2][8][64];
+  uint16_t d[2][NG];
 };
 
 bool is_k_quant(int type) { return type == kQ4_K || type == kQ6_K; }
@@ -156,55 +166,56 @@ void b_values(int type, const uint8_t* block, uint8_t v[32], uint16_t& d) {
 }
 constexpr int b_offset(int type) { return type == kQ8_0 ? 128 : type == kQ5_0 ? 16 : 8; }
 
-// Regroup one weight row's blocks into the records of its group (r: the row within the group).
+// Regroup one weight row's blocks into its group's records (r: the row within the group).
 void repack_row(int type, const uint8_t* row, int64_t k, uint8_t* group_records, int r) {
   const int64_t records = k / values_per_record(type), rec_bytes = record_bytes(type);
+  auto at = [r](int value) { return 4 * r + (value % 4) + 64 * ((value / 4) % 8); };  // byte of a tile
   for (int64_t s = 0; s < records; ++s) {
     uint8_t* rec = group_records + s * rec_bytes;
-    if (is_k_quant(type)) {
+    if (type == kQ4_K || type == kQ6_K) {
       uint8_t v[256];
       if (type == kQ4_K) {
         const BlockQ4K* b = reinterpret_cast<const BlockQ4K*>(row) + s;
         Q4KRec* out = reinterpret_cast<Q4KRec*>(rec);
         q4k_values(b, v);
-        for (int c = 0; c < 2; ++c)
-          for (int i = 0; i < 64; ++i) out->qs[r][64 * c + i] = v[128 * c + i] | (v[128 * c + 64 + i] << 4);
-        q4k_scales_mins(b->scales, out->scales_mins[r]);
+        for (int value = 0; value < 256; ++value)  // tile t = value / 32: pair p = t / 2, nibble t % 2
+          (&out->qs[value / 64][0][0])[at(value)] |= static_cast<uint8_t>(v[value] << (4 * ((value / 32) % 2)));
+        uint8_t sm[16];
+        q4k_scales_mins(b->scales, sm);
+        for (int j = 0; j < 8; ++j) out->scales[j][r] = sm[j], out->mins[j][r] = sm[8 + j];
         out->d[r] = b->d, out->dmin[r] = b->dmin;
       } else {
         const BlockQ6K* b = reinterpret_cast<const BlockQ6K*>(row) + s;
         Q6KRec* out = reinterpret_cast<Q6KRec*>(rec);
         q6k_values(b, v);
-        for (int c = 0; c < 2; ++c)
-          for (int i = 0; i < 64; ++i) out->ql[r][64 * c + i] = (v[128 * c + i] & 0xF) | ((v[128 * c + 64 + i] & 0xF) << 4);
-        for (int i = 0; i < 64; ++i)
-          out->qh[r][i] = (v[i] >> 4) | ((v[64 + i] >> 4) << 2) | ((v[128 + i] >> 4) << 4) | ((v[192 + i] >> 4) << 6);
-        std::memcpy(out->scales[r], b->scales, 16);
+        for (int value = 0; value < 256; ++value) {
+          const int t = value / 32;
+          (&out->ql[t / 2][0][0])[at(value)] |= static_cast<uint8_t>((v[value] & 0xF) << (4 * (t % 2)));
+          (&out->qh[t / 4][0][0])[at(value)] |= static_cast<uint8_t>((v[value] >> 4) << (2 * (t % 4)));
+        }
+        for (int g = 0; g < 16; ++g) out->scales[g][r] = b->scales[g];
         out->d[r] = b->d;
       }
     } else {
-      uint8_t v[64];
-      uint16_t d[2];
       const int64_t bb = block_bytes(type);
-      for (int half = 0; half < 2; ++half) b_values(type, row + (2 * s + half) * bb, v + 32 * half, d[half]);
-      if (type == kQ8_0) {
-        Q80Rec* out = reinterpret_cast<Q80Rec*>(rec);
-        for (int i = 0; i < 64; ++i) out->qs[r][i] = static_cast<int8_t>(v[i] ^ 0x80);  // the file's signed values
-        std::memcpy(out->d[r], d, 4);
-      } else if (type == kQ5_0) {
-        Q50Rec* out = reinterpret_cast<Q50Rec*>(rec);
-        uint64_t qh = 0;
-        for (int i = 0; i < 32; ++i) {
-          out->qs[r][i] = (v[i] & 0xF) | ((v[32 + i] & 0xF) << 4);
-          qh |= static_cast<uint64_t>(v[i] >> 4) << i;
-          qh |= static_cast<uint64_t>(v[32 + i] >> 4) << (32 + i);
+      for (int half = 0; half < 2; ++half) {
+        uint8_t v[32];
+        uint16_t d;
+        b_values(type, row + (2 * s + half) * bb, v, d);
+        for (int value = 0; value < 32; ++value) {
+          if (type == kQ8_0) {
+            (&reinterpret_cast<Q80Rec*>(rec)->qs[half][0][0])[at(value)] = v[value] ^ 0x80;  // the file's signed value
+          } else {
+            uint8_t* qs = type == kQ5_0 ? &reinterpret_cast<Q50Rec*>(rec)->qs[0][0] : &reinterpret_cast<Q40Rec*>(rec)->qs[0][0];
+            qs[at(value)] |= static_cast<uint8_t>((v[value] & 0xF) << (4 * half));
+            if (type == kQ5_0 && (v[value] & 0x10))
+              reinterpret_cast<Q50Rec*>(rec)->qh[half][value / 4] |= uint64_t{1} << (4 * r + value % 4);
+          }
         }
-        out->qh[r] = qh;
-        std::memcpy(out->d[r], d, 4);
-      } else {
-        Q40Rec* out = reinterpret_cast<Q40Rec*>(rec);
-        for (int i = 0; i < 32; ++i) out->qs[r][i] = v[i] | (v[32 + i] << 4);
-        std::memcpy(out->d[r], d, 4);
+        uint16_t* ds = type == kQ8_0   ? reinterpret_cast<Q80Rec*>(rec)->d[half]
+                       : type == kQ5_0 ? reinterpret_cast<Q50Rec*>(rec)->d[half]
+                                       : reinterpret_cast<Q40Rec*>(rec)->d[half];
+        ds[r] = d;
       }
     }
   }
@@ -261,8 +272,9 @@ struct Act {
   int64_t rows = 0, k = 0, block = 0;
   std::vector<int8_t> q;
   std::vector<float> d;
-  std::vector<int16_t> sums16;
-  std::vector<int32_t> sums32;
+  std::vector<int16_t> sums16;  // K-quants: per 16 values
+  std::vector<int16_t> pairs32;  // K-quants: per 32 values (Q4_K's sub-blocks)
+  std::vector<int32_t> sums32;  // 32-blocks: per block
   const int8_t* row_q(int64_t m) const { return q.data() + m * k; }
   float scale(int64_t m, int64_t b) const { return d[m * (k / block) + b]; }
 };
@@ -272,8 +284,12 @@ Act quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block) {
   a.rows = rows, a.k = k, a.block = block;
   a.q.resize(rows * k);
   a.d.resize(rows * (k / block));
-  if (block == 256) a.sums16.resize(rows * (k / 16));
-  else a.sums32.resize(rows * (k / block));
+  if (block == 256) {
+    a.sums16.resize(rows * (k / 16));
+    a.pairs32.resize(rows * (k / 32));
+  } else {
+    a.sums32.resize(rows * (k / block));
+  }
   for (int64_t m = 0; m < rows; ++m) {
     for (int64_t b = 0; b < k / block; ++b) {
       const float* src = x + m * k + b * block;
@@ -289,6 +305,9 @@ Act quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block) {
           for (int i = 0; i < 16; ++i) s += dst[16 * g + i];
           a.sums16[m * (k / 16) + 16 * b + g] = static_cast<int16_t>(s);
         }
+        for (int j = 0; j < 8; ++j)
+          a.pairs32[m * (k / 32) + 8 * b + j] = static_cast<int16_t>(a.sums16[m * (k / 16) + 16 * b + 2 * j] +
+                                                                      a.sums16[m * (k / 16) + 16 * b + 2 * j + 1]);
       } else {
         int32_t s = 0;
         for (int64_t i = 0; i < block; ++i) s += dst[i];
@@ -299,234 +318,212 @@ Act quantize_rows(const float* x, int64_t rows, int64_t k, int64_t block) {
   return a;
 }
 
+// ---- integer products of a record's 16 weight rows with one x row -----------------------------
+// Tiles of unsigned values come from a `Tiles` source: straight from the record (one x row: each
+// byte is read once anyway) or from tiles unpacked once for many x rows. Both give the same
+// integers, so the same outputs.
+struct KInts {
+  alignas(64) int32_t I[NG];
+  alignas(64) int32_t Mn[NG];
+};
+struct BInts {
+  alignas(64) int32_t J[2][NG];
+};
+
 #ifdef SPECWIRE_AVX512
-// ---- AVX-512 VNNI integer products ---------------------------------------------------------
-// Sums of 16 vectors' lanes as one vector (lane r: the sum of row r), by a tree of lane permutes.
-// Level L turns vectors holding 2^L rows (16 / 2^L lanes each) into ones holding twice the rows.
-alignas(64) const int32_t kMerge[4][32] = {
-    {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23, 8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31},
-    {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27, 4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31},
-    {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29, 2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31},
-    {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30, 1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31},
-};
-inline __m512i merge(__m512i a, __m512i b, int level) {
-  const __m512i lo = _mm512_load_si512(kMerge[level]), hi = _mm512_load_si512(kMerge[level] + 16);
-  return _mm512_add_epi32(_mm512_permutex2var_epi32(a, lo, b), _mm512_permutex2var_epi32(a, hi, b));
+using Vec = __m512i;  // a tile row: 16 weight rows x 4 values
+inline Vec dot4(Vec acc, Vec values, const int8_t* x4) {  // acc[n] += values[n] . x[0..3]
+  int32_t word;
+  std::memcpy(&word, x4, 4);
+  return _mm512_dpbusd_epi32(acc, values, _mm512_set1_epi32(word));
 }
-// v: 16 vectors of one row each (first_level 0) or 8 vectors of two rows each (first_level 1)
-inline __m512i reduce_rows(__m512i* v, int first_level) {
-  for (int level = first_level, n = 16 >> first_level; level < 4; ++level, n /= 2)
-    for (int i = 0; i < n / 2; ++i) v[i] = merge(v[2 * i], v[2 * i + 1], level);
-  return v[0];
-}
-
-// int16 lane l of 64 values (values 2l, 2l + 1) lies in group 4c + l / 8 of 16 values (chunk c)
-alignas(64) const int16_t kLaneGroup16[32] = {0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 1, 1, 1, 1, 1, 1,
-                                              2, 2, 2, 2, 2, 2, 2, 2, 3, 3, 3, 3, 3, 3, 3, 3};
-
-// One weight row of a K-quant record, unpacked into registers.
-struct KRow {
-  __m512i q[4];      // values 64p .. 64p + 63
-  __m512i scale[4];  // each int16 pair-sum lane's scale
-  __m256i mins;      // 16 int16: per 16 values, in units of dmin
-};
-
-inline KRow k_row(int type, const uint8_t* rec, int r) {
-  KRow row;
-  const __m512i low4 = _mm512_set1_epi8(0x0F);
-  __m256i sc16;
-  if (type == kQ4_K) {
-    const Q4KRec* p = reinterpret_cast<const Q4KRec*>(rec);
-    for (int c = 0; c < 2; ++c) {
-      const __m512i v = _mm512_loadu_si512(p->qs[r] + 64 * c);
-      row.q[2 * c] = _mm512_and_si512(v, low4);
-      row.q[2 * c + 1] = _mm512_and_si512(_mm512_srli_epi16(v, 4), low4);
-    }
-    const __m256i sm = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p->scales_mins[r])));
-    // scales per 32 values -> per 16 (each twice); mins likewise
-    const __m256i twice = _mm256_setr_epi16(0, 0, 1, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 6, 7, 7);
-    sc16 = _mm256_permutexvar_epi16(twice, sm);
-    row.mins = _mm256_permutexvar_epi16(_mm256_add_epi16(twice, _mm256_set1_epi16(8)), sm);
-  } else {
-    const Q6KRec* p = reinterpret_cast<const Q6KRec*>(rec);
-    const __m512i h = _mm512_loadu_si512(p->qh[r]), top2 = _mm512_set1_epi8(0x30);
-    const __m512i high[4] = {_mm512_and_si512(_mm512_slli_epi16(h, 4), top2), _mm512_and_si512(_mm512_slli_epi16(h, 2), top2),
-                             _mm512_and_si512(h, top2), _mm512_and_si512(_mm512_srli_epi16(h, 2), top2)};
-    for (int c = 0; c < 2; ++c) {
-      const __m512i v = _mm512_loadu_si512(p->ql[r] + 64 * c);
-      row.q[2 * c] = _mm512_or_si512(_mm512_and_si512(v, low4), high[2 * c]);
-      row.q[2 * c + 1] = _mm512_or_si512(_mm512_and_si512(_mm512_srli_epi16(v, 4), low4), high[2 * c + 1]);
-    }
-    sc16 = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p->scales[r])));
-    row.mins = _mm256_slli_epi16(sc16, 5);  // the offset 32, times the scale
-  }
-  const __m512i sc = _mm512_broadcast_i64x4(sc16), lanes = _mm512_load_si512(kLaneGroup16);
-  for (int c = 0; c < 4; ++c)
-    row.scale[c] = _mm512_permutexvar_epi16(_mm512_add_epi16(lanes, _mm512_set1_epi16(static_cast<int16_t>(4 * c))), sc);
-  return row;
-}
-
-inline __m512i k_dot(const KRow& w, const __m512i x[4]) {
-  __m512i sum = _mm512_dpwssd_epi32(_mm512_setzero_si512(), _mm512_maddubs_epi16(w.q[0], x[0]), w.scale[0]);
-  sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(w.q[1], x[1]), w.scale[1]);
-  sum = _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(w.q[2], x[2]), w.scale[2]);
-  return _mm512_dpwssd_epi32(sum, _mm512_maddubs_epi16(w.q[3], x[3]), w.scale[3]);
-}
-
-// I and Mn of 16 weight rows (unpacked) with one x super-block.
-inline void k_ints(const KRow* rows, const int8_t* xq, const int16_t* xsums16, int32_t* I, int32_t* Mn) {
-  const __m512i x[4] = {_mm512_loadu_si512(xq), _mm512_loadu_si512(xq + 64), _mm512_loadu_si512(xq + 128),
-                        _mm512_loadu_si512(xq + 192)};
-  __m512i v[NG];
-  for (int r = 0; r < NG; ++r) v[r] = k_dot(rows[r], x);
-  _mm512_storeu_si512(I, reduce_rows(v, 0));
-  const __m512i xs = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xsums16)));
-  for (int i = 0; i < NG / 2; ++i)  // rows 2i and 2i + 1 side by side: pair form
-    v[i] = _mm512_madd_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(rows[2 * i].mins), rows[2 * i + 1].mins, 1), xs);
-  _mm512_storeu_si512(Mn, reduce_rows(v, 1));
-}
-
-// The same for one x row, unpacking each weight row only into registers.
-inline void k_ints_direct(int type, const uint8_t* rec, const int8_t* xq, const int16_t* xsums16, int32_t* I, int32_t* Mn) {
-  const __m512i x[4] = {_mm512_loadu_si512(xq), _mm512_loadu_si512(xq + 64), _mm512_loadu_si512(xq + 128),
-                        _mm512_loadu_si512(xq + 192)};
-  const __m512i xs = _mm512_broadcast_i64x4(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(xsums16)));
-  __m512i v[NG], mins[NG / 2];
-  for (int r = 0; r < NG; r += 2) {
-    const KRow a = k_row(type, rec, r), b = k_row(type, rec, r + 1);
-    v[r] = k_dot(a, x);
-    v[r + 1] = k_dot(b, x);
-    mins[r / 2] = _mm512_madd_epi16(_mm512_inserti64x4(_mm512_castsi256_si512(a.mins), b.mins, 1), xs);
-  }
-  _mm512_storeu_si512(I, reduce_rows(v, 0));
-  _mm512_storeu_si512(Mn, reduce_rows(mins, 1));
-}
-
-// 32-blocks: a row's 64 values (two blocks) as unsigned bytes.
-inline __m512i b_row(int type, const uint8_t* rec, int r) {
-  if (type == kQ8_0)
-    return _mm512_xor_si512(_mm512_loadu_si512(reinterpret_cast<const Q80Rec*>(rec)->qs[r]), _mm512_set1_epi8(char(0x80)));
-  const uint8_t* qs = type == kQ5_0 ? reinterpret_cast<const Q50Rec*>(rec)->qs[r] : reinterpret_cast<const Q40Rec*>(rec)->qs[r];
-  const __m256i n = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(qs)), low4 = _mm256_set1_epi8(0x0F);
-  const __m512i values = _mm512_inserti64x4(_mm512_castsi256_si512(_mm256_and_si256(n, low4)),
-                                            _mm256_and_si256(_mm256_srli_epi16(n, 4), low4), 1);
-  if (type == kQ4_0) return values;
-  const __m512i fifth = _mm512_maskz_mov_epi8(reinterpret_cast<const Q50Rec*>(rec)->qh[r], _mm512_set1_epi8(0x10));
-  return _mm512_or_si512(values, fifth);
-}
-
-// J of 16 weight rows with one pair of x blocks: J0 for the first block, J1 for the second.
-inline void b_ints(const __m512i* rows, int /*type*/, const int8_t* xq, int32_t offset0, int32_t offset1, int32_t* J0,
-                   int32_t* J1) {
-  const __m512i x = _mm512_loadu_si512(xq);
-  __m512i v[NG], w[NG];
-  for (int r = 0; r < NG; ++r)  // vpdpbusd: u8 x s8 in groups of 4, int32 sums without saturation
-    (r < 8 ? v[r] : w[r - 8]) = _mm512_dpbusd_epi32(_mm512_setzero_si512(), rows[r], x);
-  // each vector holds one row's two blocks: reduce rows 0..7 and 8..15 separately in pair form
-  const __m512i a = reduce_rows(v, 1), b = reduce_rows(w, 1);
-  // a: lane 2i = (row i, block 0), 2i + 1 = (row i, block 1); b likewise for rows 8..15
-  alignas(64) static const int32_t even[16] = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
-  alignas(64) static const int32_t odd[16] = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
-  const __m512i j0 = _mm512_permutex2var_epi32(a, _mm512_load_si512(even), b);
-  const __m512i j1 = _mm512_permutex2var_epi32(a, _mm512_load_si512(odd), b);
-  _mm512_storeu_si512(J0, _mm512_sub_epi32(j0, _mm512_set1_epi32(offset0)));
-  _mm512_storeu_si512(J1, _mm512_sub_epi32(j1, _mm512_set1_epi32(offset1)));
-}
+inline Vec mul_add(Vec acc, Vec a, Vec b) { return _mm512_add_epi32(acc, _mm512_mullo_epi32(a, b)); }
+inline Vec load_vec(const void* p) { return _mm512_loadu_si512(p); }
+inline void store_vec(void* p, Vec v) { _mm512_storeu_si512(p, v); }
+inline Vec low4(Vec v) { return _mm512_and_si512(v, _mm512_set1_epi8(0x0F)); }
+inline Vec high4(Vec v) { return _mm512_and_si512(_mm512_srli_epi16(v, 4), _mm512_set1_epi8(0x0F)); }
+inline Vec bits2(Vec v, int shift) { return _mm512_and_si512(_mm512_srli_epi16(v, shift), _mm512_set1_epi8(0x03)); }
+inline Vec or_high(Vec low, Vec high2) { return _mm512_or_si512(low, _mm512_slli_epi16(high2, 4)); }
+inline Vec fifth_bits(uint64_t mask) { return _mm512_maskz_mov_epi8(mask, _mm512_set1_epi8(0x10)); }
+inline Vec flip_sign(Vec v) { return _mm512_xor_si512(v, _mm512_set1_epi8(char(0x80))); }
+inline Vec widen_u8(const uint8_t* p) { return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vec widen_s8(const int8_t* p) { return _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))); }
+inline Vec zero_vec() { return _mm512_setzero_si512(); }
+inline Vec sub_bcast(Vec v, int32_t a) { return _mm512_sub_epi32(v, _mm512_set1_epi32(a)); }
 #else
-// ---- AVX2 integer products: each row on its own, horizontal sums ------------------------------
-inline int32_t hsum_epi32(__m256i v) {
-  __m128i s = _mm_add_epi32(_mm256_castsi256_si128(v), _mm256_extracti128_si256(v, 1));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0x4E));
-  s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0xB1));
-  return _mm_cvtsi128_si32(s);
-}
-
-// A row of a record as plain values, scales per int16 lane and mins (K) or values (32).
-struct KRow {
-  alignas(32) uint8_t q[256];
-  alignas(32) int16_t scale[128];
-  alignas(32) int16_t mins[16];
+// AVX2: a tile row as two 8-lane halves (weight rows 0..7 and 8..15)
+struct Vec {
+  __m256i lo, hi;
 };
-
-inline KRow k_row(int type, const uint8_t* rec, int r) {
-  KRow row;
-  uint8_t sc[16];
-  if (type == kQ4_K) {
-    const Q4KRec* p = reinterpret_cast<const Q4KRec*>(rec);
-    for (int c = 0; c < 2; ++c)
-      for (int i = 0; i < 64; ++i) {
-        row.q[128 * c + i] = p->qs[r][64 * c + i] & 0xF;
-        row.q[128 * c + 64 + i] = p->qs[r][64 * c + i] >> 4;
-      }
-    for (int g = 0; g < 16; ++g) {
-      sc[g] = p->scales_mins[r][g / 2];
-      row.mins[g] = p->scales_mins[r][8 + g / 2];
-    }
-    for (int l = 0; l < 128; ++l) row.scale[l] = sc[l / 8];
-  } else {
-    const Q6KRec* p = reinterpret_cast<const Q6KRec*>(rec);
-    for (int c = 0; c < 2; ++c)
-      for (int i = 0; i < 64; ++i) {
-        const uint8_t h = p->qh[r][i] >> (4 * c);
-        row.q[128 * c + i] = (p->ql[r][64 * c + i] & 0xF) | ((h & 3) << 4);
-        row.q[128 * c + 64 + i] = (p->ql[r][64 * c + i] >> 4) | (((h >> 2) & 3) << 4);
-      }
-    for (int g = 0; g < 16; ++g) row.mins[g] = static_cast<int16_t>(32 * p->scales[r][g]);
-    for (int l = 0; l < 128; ++l) row.scale[l] = p->scales[r][l / 8];
-  }
-  return row;
+// u8 x s8 pair sums saturate above 32767: values up to 127 are safe (2 * 127 * 127); larger ones
+// (Q8_0 with its offset, 0..255) go through in two parts, bit 7 and the rest.
+inline __m256i dot4_half(__m256i acc, __m256i values, __m256i x) {
+  const __m256i ones = _mm256_set1_epi16(1);
+  const __m256i top = _mm256_and_si256(values, _mm256_set1_epi8(char(0x80)));
+  const __m256i rest = _mm256_andnot_si256(_mm256_set1_epi8(char(0x80)), values);
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(rest, x), ones));
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(top, x), ones));
 }
-
-inline void k_ints(const KRow* rows, const int8_t* xq, const int16_t* xsums16, int32_t* I, int32_t* Mn) {
-  const __m256i xs = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xsums16));
-  for (int r = 0; r < NG; ++r) {
-    __m256i sum = _mm256_setzero_si256();
-    for (int p = 0; p < 8; ++p) {
-      const __m256i prod = _mm256_maddubs_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(rows[r].q + 32 * p)),
-                                                _mm256_loadu_si256(reinterpret_cast<const __m256i*>(xq + 32 * p)));
-      sum = _mm256_add_epi32(sum, _mm256_madd_epi16(prod, _mm256_load_si256(reinterpret_cast<const __m256i*>(rows[r].scale + 16 * p))));
-    }
-    I[r] = hsum_epi32(sum);
-    Mn[r] = hsum_epi32(_mm256_madd_epi16(_mm256_load_si256(reinterpret_cast<const __m256i*>(rows[r].mins)), xs));
-  }
+inline Vec dot4(Vec acc, Vec values, const int8_t* x4) {
+  int32_t word;
+  std::memcpy(&word, x4, 4);
+  const __m256i x = _mm256_set1_epi32(word);
+  return {dot4_half(acc.lo, values.lo, x), dot4_half(acc.hi, values.hi, x)};
 }
-
-struct BRow {
-  alignas(32) uint8_t q[64];
-};
-
-inline BRow b_row(int type, const uint8_t* rec, int r) {
-  BRow row;
-  if (type == kQ8_0) {
-    for (int i = 0; i < 64; ++i) row.q[i] = static_cast<uint8_t>(reinterpret_cast<const Q80Rec*>(rec)->qs[r][i] + 128);
-    return row;
-  }
-  const uint8_t* qs = type == kQ5_0 ? reinterpret_cast<const Q50Rec*>(rec)->qs[r] : reinterpret_cast<const Q40Rec*>(rec)->qs[r];
-  const uint64_t qh = type == kQ5_0 ? reinterpret_cast<const Q50Rec*>(rec)->qh[r] : 0;
-  for (int i = 0; i < 32; ++i) {
-    row.q[i] = (qs[i] & 0xF) | (((qh >> i) & 1) << 4);
-    row.q[32 + i] = (qs[i] >> 4) | (((qh >> (32 + i)) & 1) << 4);
-  }
-  return row;
+inline Vec mul_add(Vec acc, Vec a, Vec b) {
+  return {_mm256_add_epi32(acc.lo, _mm256_mullo_epi32(a.lo, b.lo)), _mm256_add_epi32(acc.hi, _mm256_mullo_epi32(a.hi, b.hi))};
 }
-
-// sum over 32 bytes of u8 q * s8 x, exact: maddubs saturates a pair sum above 32767, so values
-// above 127 (Q8_0 with its offset) are split at bit 7
-inline int32_t dot32(const uint8_t* q, const int8_t* x) {
-  const __m256i qv = _mm256_load_si256(reinterpret_cast<const __m256i*>(q));
-  const __m256i xv = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x)), ones = _mm256_set1_epi16(1);
-  const __m256i lo = _mm256_and_si256(qv, _mm256_set1_epi8(0x7F)), hi = _mm256_and_si256(qv, _mm256_set1_epi8(char(0x80)));
-  return hsum_epi32(_mm256_add_epi32(_mm256_madd_epi16(_mm256_maddubs_epi16(lo, xv), ones),
-                                     _mm256_madd_epi16(_mm256_maddubs_epi16(hi, xv), ones)));
+inline Vec load_vec(const void* p) {
+  const __m256i* q = reinterpret_cast<const __m256i*>(p);
+  return {_mm256_loadu_si256(q), _mm256_loadu_si256(q + 1)};
 }
-
-inline void b_ints(const BRow* rows, int type, const int8_t* xq, int32_t offset0, int32_t offset1, int32_t* J0, int32_t* J1) {
-  for (int r = 0; r < NG; ++r) {
-    J0[r] = dot32(rows[r].q, xq) - offset0;
-    J1[r] = dot32(rows[r].q + 32, xq + 32) - offset1;
-  }
+inline void store_vec(void* p, Vec v) {
+  __m256i* q = reinterpret_cast<__m256i*>(p);
+  _mm256_storeu_si256(q, v.lo);
+  _mm256_storeu_si256(q + 1, v.hi);
+}
+inline Vec low4(Vec v) {
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(v.lo, m), _mm256_and_si256(v.hi, m)};
+}
+inline Vec high4(Vec v) {
+  const __m256i m = _mm256_set1_epi8(0x0F);
+  return {_mm256_and_si256(_mm256_srli_epi16(v.lo, 4), m), _mm256_and_si256(_mm256_srli_epi16(v.hi, 4), m)};
+}
+inline Vec bits2(Vec v, int shift) {
+  const __m256i m = _mm256_set1_epi8(0x03);
+  return {_mm256_and_si256(_mm256_srl_epi16(v.lo, _mm_cvtsi32_si128(shift)), m),
+          _mm256_and_si256(_mm256_srl_epi16(v.hi, _mm_cvtsi32_si128(shift)), m)};
+}
+inline Vec or_high(Vec low, Vec high2) {
+  return {_mm256_or_si256(low.lo, _mm256_slli_epi16(high2.lo, 4)), _mm256_or_si256(low.hi, _mm256_slli_epi16(high2.hi, 4))};
+}
+inline __m256i bits_to_bytes(uint32_t bits) {  // byte i: 0x10 where bit i is set
+  const __m256i spread = _mm256_shuffle_epi8(_mm256_set1_epi32(static_cast<int>(bits)),
+                                             _mm256_setr_epi64x(0, 0x0101010101010101, 0x0202020202020202, 0x0303030303030303));
+  const __m256i set = _mm256_cmpeq_epi8(_mm256_or_si256(spread, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe)), _mm256_set1_epi64x(-1));
+  return _mm256_and_si256(set, _mm256_set1_epi8(0x10));
+}
+inline Vec fifth_bits(uint64_t mask) {
+  return {bits_to_bytes(static_cast<uint32_t>(mask)), bits_to_bytes(static_cast<uint32_t>(mask >> 32))};
+}
+inline Vec flip_sign(Vec v) {
+  const __m256i m = _mm256_set1_epi8(char(0x80));
+  return {_mm256_xor_si256(v.lo, m), _mm256_xor_si256(v.hi, m)};
+}
+inline Vec widen_u8(const uint8_t* p) {
+  return {_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline Vec widen_s8(const int8_t* p) {
+  return {_mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8)))};
+}
+inline Vec zero_vec() { return {_mm256_setzero_si256(), _mm256_setzero_si256()}; }
+inline Vec sub_bcast(Vec v, int32_t a) {
+  const __m256i b = _mm256_set1_epi32(a);
+  return {_mm256_sub_epi32(v.lo, b), _mm256_sub_epi32(v.hi, b)};
 }
 #endif
+
+// A tile row of unsigned values straight from a record: tile t (0..7), row r (0..7).
+inline Vec k_tile_row(int type, const uint8_t* rec, int t, int r) {
+  if (type == kQ4_K) {
+    const Vec packed = load_vec(reinterpret_cast<const Q4KRec*>(rec)->qs[t / 2][r]);
+    return t % 2 ? high4(packed) : low4(packed);
+  }
+  const Q6KRec* q = reinterpret_cast<const Q6KRec*>(rec);
+  const Vec packed = load_vec(q->ql[t / 2][r]);
+  return or_high(t % 2 ? high4(packed) : low4(packed), bits2(load_vec(q->qh[t / 4][r]), 2 * (t % 4)));
+}
+
+inline Vec b_tile_row(int type, const uint8_t* rec, int t, int r) {
+  if (type == kQ8_0) return flip_sign(load_vec(reinterpret_cast<const Q80Rec*>(rec)->qs[t][r]));
+  const uint8_t* qs = type == kQ5_0 ? reinterpret_cast<const Q50Rec*>(rec)->qs[r] : reinterpret_cast<const Q40Rec*>(rec)->qs[r];
+  const Vec packed = load_vec(qs);
+  const Vec values = t ? high4(packed) : low4(packed);
+  if (type == kQ4_0) return values;
+#ifdef SPECWIRE_AVX512
+  return _mm512_or_si512(values, fifth_bits(reinterpret_cast<const Q50Rec*>(rec)->qh[t][r]));
+#else
+  const Vec bits = fifth_bits(reinterpret_cast<const Q50Rec*>(rec)->qh[t][r]);
+  return {_mm256_or_si256(values.lo, bits.lo), _mm256_or_si256(values.hi, bits.hi)};
+#endif
+}
+
+// Tiles unpacked once, for many x rows.
+struct Unpacked {
+  alignas(64) uint8_t rows[8][8][64];
+};
+
+// The scales of a record (per sub-block, 16 rows as int32 lanes) and the mins' pairs.
+struct KScales {
+  Vec scale[16];  // Q4_K: 8 sub-blocks of 32; Q6_K: 16 groups of 16
+  Vec mins[16];   // Q4_K: per sub-block of 32; Q6_K: 32 * scale per group of 16
+  int groups;     // 8 or 16
+};
+
+inline void k_scales(int type, const uint8_t* rec, KScales& out) {
+  if (type == kQ4_K) {
+    const Q4KRec* q = reinterpret_cast<const Q4KRec*>(rec);
+    out.groups = 8;
+    for (int j = 0; j < 8; ++j) out.scale[j] = widen_u8(q->scales[j]), out.mins[j] = widen_u8(q->mins[j]);
+  } else {
+    const Q6KRec* q = reinterpret_cast<const Q6KRec*>(rec);
+    out.groups = 16;
+    for (int g = 0; g < 16; ++g) {
+      out.scale[g] = widen_s8(q->scales[g]);
+#ifdef SPECWIRE_AVX512
+      out.mins[g] = _mm512_slli_epi32(out.scale[g], 5);
+#else
+      out.mins[g] = {_mm256_slli_epi32(out.scale[g].lo, 5), _mm256_slli_epi32(out.scale[g].hi, 5)};
+#endif
+    }
+  }
+}
+
+// Mn of a K record's 16 rows with one x super-block: mins times the x sums of their groups.
+inline Vec k_mins(const KScales& sc, const int16_t* xsums16, const int16_t* xpairs32) {
+  const int16_t* sums = sc.groups == 8 ? xpairs32 : xsums16;
+  Vec Mn = zero_vec();
+  for (int g = 0; g < sc.groups; ++g) {
+#ifdef SPECWIRE_AVX512
+    Mn = mul_add(Mn, sc.mins[g], _mm512_set1_epi32(sums[g]));
+#else
+    const __m256i b = _mm256_set1_epi32(sums[g]);
+    Mn = mul_add(Mn, sc.mins[g], Vec{b, b});
+#endif
+  }
+  return Mn;
+}
+
+// I and Mn of a K record's 16 rows with one x super-block. `tile_row(t, r)` gives tile rows.
+template <typename TileRow>
+inline void k_ints(const KScales& sc, TileRow tile_row, const int8_t* xq, const int16_t* xsums16, const int16_t* xpairs32,
+                   KInts& out) {
+  Vec I = zero_vec(), Mn = zero_vec();
+  const int rows_per_group = sc.groups == 8 ? 8 : 4;
+  for (int t = 0; t < 8; ++t) {
+    for (int half = 0; half < 8 / rows_per_group; ++half) {
+      Vec c = zero_vec();
+      for (int r = half * rows_per_group; r < (half + 1) * rows_per_group; ++r) c = dot4(c, tile_row(t, r), xq + 32 * t + 4 * r);
+      const int g = sc.groups == 8 ? t : 2 * t + half;
+      I = mul_add(I, c, sc.scale[g]);
+    }
+  }
+  store_vec(out.I, I);
+  store_vec(out.Mn, k_mins(sc, xsums16, xpairs32));
+}
+
+// J of a 32-block record's 16 rows with one x block pair.
+template <typename TileRow>
+inline void b_ints(TileRow tile_row, const int8_t* xq, int32_t offset0, int32_t offset1, BInts& out) {
+  for (int t = 0; t < 2; ++t) {
+    Vec c = zero_vec();
+    for (int r = 0; r < 8; ++r) c = dot4(c, tile_row(t, r), xq + 32 * t + 4 * r);
+    store_vec(out.J[t], sub_bcast(c, t ? offset1 : offset0));
+  }
+}
 
 // ---- the products of one group of 16 weight rows ------------------------------------------
 constexpr int64_t kRowChunk = 64;  // x rows per pass over the weights (their quantized rows stay in L2)
@@ -547,28 +544,100 @@ void store_group(const std::vector<F16>& acc, float* out, int64_t n_dim, int64_t
   }
 }
 
+#if defined(SPECWIRE_AVX512) && defined(__AMX_TILE__) && defined(__AMX_INT8__)
+#define SPECWIRE_AMX 1
+// AMX: one tile product multiplies up to 16 x rows with a group's tile (its 16 weight rows) over a
+// group of 32 (Q4_K) or 16 (Q6_K) values: C[m][n] = x[m] . q[n], exact int32, 16 x 16 at a time.
+// The scales are applied to C in vectors afterwards, so the integers are those of `k_ints`.
+bool amx_ready() {
+  static const bool ok = [] {
+    constexpr long kReqPerm = 0x1023, kTileData = 18;  // arch_prctl(ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA)
+    return syscall(SYS_arch_prctl, kReqPerm, kTileData) == 0;
+  }();
+  return ok;
+}
+
+struct TileConfig {
+  uint8_t palette = 1, start = 0;
+  uint8_t reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// tmm0: C (m x 16 int32), tmm1: A (m x k bytes of x), tmm2: B (k / 4 rows of a tile)
+inline void configure_tiles(int m, int k) {
+  thread_local int current_m = -1, current_k = -1;
+  if (m == current_m && k == current_k) return;
+  TileConfig c;
+  c.rows[0] = static_cast<uint8_t>(m), c.colsb[0] = 64;
+  c.rows[1] = static_cast<uint8_t>(m), c.colsb[1] = static_cast<uint16_t>(k);
+  c.rows[2] = static_cast<uint8_t>(k / 4), c.colsb[2] = 64;
+  _tile_loadconfig(&c);
+  current_m = m, current_k = k;
+}
+
+// I for x rows m0 .. m0 + m - 1 (I[i]: 16 lanes of row m0 + i) from unpacked tiles.
+inline void k_ints_amx(const KScales& sc, const Unpacked& tiles, const int8_t* x0, int64_t stride, int m, Vec* I) {
+  const int k = sc.groups == 8 ? 32 : 16;  // values per group
+  configure_tiles(m, k);
+  alignas(64) int32_t c[16][16];
+  for (int i = 0; i < m; ++i) I[i] = zero_vec();
+  for (int g = 0; g < sc.groups; ++g) {
+    _tile_zero(0);
+    _tile_loadd(1, x0 + g * k, stride);
+    _tile_loadd(2, &tiles.rows[g * k / 32][(g * k % 32) / 4][0], 64);
+    _tile_dpbsud(0, 1, 2);
+    _tile_stored(0, c, 64);
+    for (int i = 0; i < m; ++i) I[i] = mul_add(I[i], load_vec(c[i]), sc.scale[g]);
+  }
+}
+#endif
+
 void k_group(const uint8_t* records, int type, const Act& x, float* out, int64_t n_dim, int64_t n0, int ng) {
   const int64_t blocks = x.k / 256, rec_bytes = record_bytes(type);
   std::vector<F16> acc(x.rows, f16_zero());
-  std::vector<KRow> rows(NG);
-  alignas(64) int32_t I[NG], Mn[NG];
+  KScales sc;
+  KInts ints;
+  Unpacked tiles;
   for (int64_t s = 0; s < blocks; ++s) {
     const uint8_t* rec = records + s * rec_bytes;
     prefetch_ahead(rec, rec_bytes);
+    k_scales(type, rec, sc);
     const uint16_t* d = type == kQ4_K ? reinterpret_cast<const Q4KRec*>(rec)->d : reinterpret_cast<const Q6KRec*>(rec)->d;
     const uint16_t* dmin = type == kQ4_K ? reinterpret_cast<const Q4KRec*>(rec)->dmin : d;
     const F16 dv = f16_from_half(d), dminv = f16_from_half(dmin);
-#ifdef SPECWIRE_AVX512
-    if (x.rows == 1) {  // one x row: straight from the record into the products, nothing stored
-      k_ints_direct(type, rec, x.row_q(0) + 256 * s, x.sums16.data() + 16 * s, I, Mn);
-      acc[0] = combine_k(acc[0], x.scale(0, s), dv, dminv, I, Mn);
+    const auto x_at = [&](int64_t m) {
+      return std::make_tuple(x.row_q(m) + 256 * s, x.sums16.data() + m * (x.k / 16) + 16 * s,
+                             x.pairs32.data() + m * (x.k / 32) + 8 * s);
+    };
+    if (x.rows == 1) {  // one x row: tile rows straight from the record, nothing stored
+      const auto [xq, xs16, xs32] = x_at(0);
+      k_ints(sc, [&](int t, int r) { return k_tile_row(type, rec, t, r); }, xq, xs16, xs32, ints);
+      acc[0] = combine_k(acc[0], x.scale(0, s), dv, dminv, ints.I, ints.Mn);
+      continue;
+    }
+    for (int t = 0; t < 8; ++t)
+      for (int r = 0; r < 8; ++r) store_vec(tiles.rows[t][r], k_tile_row(type, rec, t, r));
+#ifdef SPECWIRE_AMX
+    if (amx_ready()) {
+      Vec I[16];
+      for (int64_t m0 = 0; m0 < x.rows; m0 += 16) {
+        const int rows = static_cast<int>(std::min<int64_t>(16, x.rows - m0));
+        k_ints_amx(sc, tiles, x.row_q(m0) + 256 * s, x.k, rows, I);
+        for (int i = 0; i < rows; ++i) {
+          const auto [xq, xs16, xs32] = x_at(m0 + i);
+          store_vec(ints.I, I[i]);
+          store_vec(ints.Mn, k_mins(sc, xs16, xs32));
+          acc[m0 + i] = combine_k(acc[m0 + i], x.scale(m0 + i, s), dv, dminv, ints.I, ints.Mn);
+        }
+      }
       continue;
     }
 #endif
-    for (int r = 0; r < NG; ++r) rows[r] = k_row(type, rec, r);
     for (int64_t m = 0; m < x.rows; ++m) {
-      k_ints(rows.data(), x.row_q(m) + 256 * s, x.sums16.data() + m * (x.k / 16) + 16 * s, I, Mn);
-      acc[m] = combine_k(acc[m], x.scale(m, s), dv, dminv, I, Mn);
+      const auto [xq, xs16, xs32] = x_at(m);
+      k_ints(sc, [&](int t, int r) { return load_vec(tiles.rows[t][r]); }, xq, xs16, xs32, ints);
+      acc[m] = combine_k(acc[m], x.scale(m, s), dv, dminv, ints.I, ints.Mn);
     }
   }
   store_group(acc, out, n_dim, n0, ng);
@@ -577,28 +646,27 @@ void k_group(const uint8_t* records, int type, const Act& x, float* out, int64_t
 void b_group(const uint8_t* records, int type, const Act& x, float* out, int64_t n_dim, int64_t n0, int ng) {
   const int64_t pairs = x.k / 64, rec_bytes = record_bytes(type), blocks = x.k / 32;
   std::vector<F16> acc(x.rows, f16_zero());
-#ifdef SPECWIRE_AVX512
-  __m512i rows[NG];
-#else
-  BRow rows[NG];
-#endif
-  alignas(64) int32_t J0[NG], J1[NG];
-  alignas(64) uint16_t d0[NG], d1[NG];
+  BInts ints;
+  Unpacked tiles;
   const int offset = b_offset(type);
   for (int64_t p = 0; p < pairs; ++p) {
     const uint8_t* rec = records + p * rec_bytes;
     prefetch_ahead(rec, rec_bytes);
-    for (int r = 0; r < NG; ++r) rows[r] = b_row(type, rec, r);
-    const uint16_t(*d)[2] = type == kQ8_0   ? reinterpret_cast<const Q80Rec*>(rec)->d
-                            : type == kQ5_0 ? reinterpret_cast<const Q50Rec*>(rec)->d
-                                            : reinterpret_cast<const Q40Rec*>(rec)->d;
-    for (int r = 0; r < NG; ++r) d0[r] = d[r][0], d1[r] = d[r][1];
-    const F16 dv0 = f16_from_half(d0), dv1 = f16_from_half(d1);
+    const uint16_t(*d)[NG] = type == kQ8_0   ? reinterpret_cast<const Q80Rec*>(rec)->d
+                             : type == kQ5_0 ? reinterpret_cast<const Q50Rec*>(rec)->d
+                                             : reinterpret_cast<const Q40Rec*>(rec)->d;
+    const F16 dv0 = f16_from_half(d[0]), dv1 = f16_from_half(d[1]);
+    const bool direct = x.rows == 1;
+    if (!direct)
+      for (int t = 0; t < 2; ++t)
+        for (int r = 0; r < 8; ++r) store_vec(tiles.rows[t][r], b_tile_row(type, rec, t, r));
     for (int64_t m = 0; m < x.rows; ++m) {
       const int32_t* sums = x.sums32.data() + m * blocks + 2 * p;
-      b_ints(rows, type, x.row_q(m) + 64 * p, offset * sums[0], offset * sums[1], J0, J1);
-      acc[m] = combine_b(acc[m], x.scale(m, 2 * p), dv0, J0);
-      acc[m] = combine_b(acc[m], x.scale(m, 2 * p + 1), dv1, J1);
+      const int8_t* xq = x.row_q(m) + 64 * p;
+      if (direct) b_ints([&](int t, int r) { return b_tile_row(type, rec, t, r); }, xq, offset * sums[0], offset * sums[1], ints);
+      else b_ints([&](int t, int r) { return load_vec(tiles.rows[t][r]); }, xq, offset * sums[0], offset * sums[1], ints);
+      acc[m] = combine_b(acc[m], x.scale(m, 2 * p), dv0, ints.J[0]);
+      acc[m] = combine_b(acc[m], x.scale(m, 2 * p + 1), dv1, ints.J[1]);
     }
   }
   store_group(acc, out, n_dim, n0, ng);
