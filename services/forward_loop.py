@@ -44,16 +44,20 @@ class ForwardJob(Protocol[R]):
 
 
 class ForwardLoop(Generic[R]):
-    def __init__(self, decoder: GGUFDecoder, name: str, max_rows: int = 512, max_jobs: int = 64) -> None:
-        """`max_rows`: rows one forward takes (a long prompt is split into chunks of at most this);
-        `max_jobs`: jobs one forward takes."""
-        self.decoder = decoder
+    def __init__(
+        self, build_decoder: Callable[[], GGUFDecoder], name: str, max_rows: int = 512, max_jobs: int = 64
+    ) -> None:
+        """`build_decoder` runs on the loop's thread (its weight repacking is torch work too, and a
+        second thread with OpenMP workers would make every later parallel region pay a wake-up:
+        11 ms of a 0.5B draft step on 2 cores). `max_rows`: rows one forward takes (a long prompt
+        is split into chunks of at most this); `max_jobs`: jobs one forward takes."""
         self.max_rows = max_rows
         self.max_jobs = max_jobs
         self._arrivals: queue.Queue[tuple[ForwardJob, Future] | Callable[[], None] | None] = queue.Queue()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
         self._thread.start()
+        self.decoder: GGUFDecoder = self.call(build_decoder)
 
     def run(self, job: ForwardJob[R]) -> R:
         """Run `job` to completion (blocking) and return its result."""

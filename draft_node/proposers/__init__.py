@@ -65,8 +65,10 @@ def load_gguf_drafter(config: DraftConfig) -> Drafter:
     file = GGUFFile(gguf_source(config.model, config.cache_dir))
     tokenizer = file.tokenizer(config.cache_dir)
     eos = eos_token_ids(tokenizer, None) | file.eos_token_ids()
-    decoder = GGUFDecoder(file, output_rows=config.draft_vocab or None)
-    loop: ForwardLoop = ForwardLoop(decoder, "gguf-draft", max_rows=config.prefill_chunk_tokens)
+    loop: ForwardLoop = ForwardLoop(
+        lambda: GGUFDecoder(file, output_rows=config.draft_vocab or None), "gguf-draft", max_rows=config.prefill_chunk_tokens
+    )
+    decoder = loop.decoder
     prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)), KVBufferCopies(decoder.new_cache))
     return Drafter(
         model_id_of(config.model),

@@ -10,7 +10,7 @@ from services.candidate_tree import ROOT, CandidateTree
 from services.forward_loop import ForwardLoop
 from services.gguf_decoder import Rows
 from services.kv_buffer import KVBuffer
-from services.prefix_cache import PrefixCache
+from services.prefix_cache import KVBufferCopies, PrefixCache
 from services.rpc.specwire.v1 import target_pb2
 
 
@@ -64,7 +64,7 @@ class GGUFProposer:
             confidence_threshold,
             min_chain_probability,
         )
-        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0)
+        self.prefix_cache = prefix_cache if prefix_cache is not None else PrefixCache(0, KVBufferCopies(loop.decoder.new_cache))
         self.chunk = chunk
         self.cache: KVBuffer | None = None
         self.cached_ids: list[int] = []  # tokens whose entries the buffer holds

@@ -36,7 +36,7 @@ def build_verifier(config: TargetConfig, loaded: LoadedModel | None = None) -> V
 
         file = GGUFFile(gguf_source(config.model, config.cache_dir))
         tokenizer, model_id = file.tokenizer(config.cache_dir), model_id_of(config.model)
-        backend = GGUFBackend(GGUFDecoder(file), config)
+        backend = GGUFBackend(lambda: GGUFDecoder(file), config)
     else:
         from target_node.backends.hf import HFBackend
 

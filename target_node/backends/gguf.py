@@ -9,6 +9,8 @@ the session's buffer follow on the same thread. No cache is copied per round.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 
 from services.candidate_tree import CandidateTree
@@ -80,12 +82,14 @@ class GGUFBackend(VerifyBackend):
     strategies = tuple(sorted(STRATEGIES))
     kernels = TorchKernels()
 
-    def __init__(self, decoder: GGUFDecoder, config: TargetConfig) -> None:
-        self.decoder = decoder
+    def __init__(self, build_decoder: Callable[[], GGUFDecoder], config: TargetConfig) -> None:
+        self.chunk = config.prefill_chunk_tokens
+        self.loop: ForwardLoop = ForwardLoop(
+            build_decoder, "gguf-target", max_rows=config.prefill_chunk_tokens, max_jobs=config.max_batch_size
+        )
+        self.decoder = decoder = self.loop.decoder
         self.vocab_size = decoder.vocab_size
         self.max_context = decoder.settings.max_context
-        self.chunk = config.prefill_chunk_tokens
-        self.loop: ForwardLoop = ForwardLoop(decoder, "gguf-target", max_rows=config.prefill_chunk_tokens, max_jobs=config.max_batch_size)
         self.prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)), KVBufferCopies(decoder.new_cache))
 
     def prefill(self, session: Session) -> int:
