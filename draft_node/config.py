@@ -33,7 +33,7 @@ class DraftConfig(NodeConfig):
         ge=0,
         description="gguf: the output head covers only the first ids of the vocabulary (frequent BPE merges come "
         "first): tokens past it are never drafted, the target supplies them (0: the whole vocabulary). 65536 "
-        "holds 98%% of the packaged target's benchmark tokens; 32768 (95%%) lost a quarter of the accepted tokens",
+        "holds 98% of the packaged target's benchmark tokens; 32768 (95%) lost a quarter of the accepted tokens",
     )
     prefill_chunk_tokens: int = Field(256, ge=16, description="gguf: prompt tokens per forward")
     port: int = Field(50052, description="gRPC port of the DraftService (0: pick a free one)")
