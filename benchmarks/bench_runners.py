@@ -1,5 +1,6 @@
 """Ways to produce one completion, all timed the same way: a specwire draft node (gRPC or its
-OpenAI API), the target alone (HF generate), and HF assisted generation with the same pair."""
+OpenAI API), the target alone (on the GGUF decoder, or HF generate on fp32 weights), and HF
+assisted generation with the same pair (llama.cpp's runner: benchmarks/llamacpp.py)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from services.model_loading import LoadedModel
+from services.sampling import top1 as greedy_token
 from services.prefix_cache import PrefixCache
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
 
@@ -186,3 +188,36 @@ class HFRunner:
         tokens = tokens[:cut]
         first = streamer.times[0] - start if streamer.times else seconds
         return Generation(sample_id, tokens, self.target.tokenizer.decode(tokens), seconds, first)
+
+
+class GGUFTargetRunner:
+    """The target alone on the GGUF decoder and kernels the target node runs: the exactness
+    reference for specwire's greedy output. Its prefix cache (its own, as a target node has its
+    own) gives a prompt the entries of the longest prefix it shares with earlier ones."""
+
+    name = "target-alone"
+
+    def __init__(self, decoder: object, tokenizer: object, settings: Settings, eos: list[int], prefix_cache: object) -> None:
+        self.decoder, self.tokenizer, self.settings, self.eos = decoder, tokenizer, settings, eos
+        self.prefix_cache = prefix_cache
+
+    def generate(self, sample_id: str, prompt_text: str) -> Generation:
+        from services.gguf_decoder import Rows
+
+        prompt_ids = self.tokenizer.encode(prompt_text)
+        start = time.perf_counter()
+        _, cache = self.prefix_cache.lookup(prompt_ids)
+        logits = self.decoder.forward([Rows(cache, prompt_ids[cache.length :], all_logits=False)])[0]
+        self.prefix_cache.store(prompt_ids, cache)
+        tokens: list[int] = []
+        first = None
+        while len(tokens) < self.settings.max_tokens:
+            token = greedy_token(logits[-1])
+            first = first or time.perf_counter() - start
+            if token in self.eos:
+                break
+            tokens.append(token)
+            if len(tokens) < self.settings.max_tokens:
+                logits = self.decoder.forward([Rows(cache, [token])])[0]
+        seconds = time.perf_counter() - start
+        return Generation(sample_id, tokens, self.tokenizer.decode(tokens), seconds, first or seconds)
