@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.config import NodeConfig
+from services.limits import MAX_CANDIDATES, MAX_Q_SUPPORT, MAX_SPECULATIVE_TOKENS
 
 
 class DraftConfig(NodeConfig):
@@ -49,7 +50,7 @@ class DraftConfig(NodeConfig):
         "hf", description="how drafts are made: HF model, vLLM engine, or prompt lookup (n-gram, no model)"
     )
     num_candidates: int = Field(
-        1, ge=1, le=16, description="N: candidate continuations per round (vllm, ngram)"
+        1, ge=1, le=MAX_CANDIDATES, description="N: candidate continuations per round (vllm, ngram)"
     )
     vllm_max_model_len: int = Field(4096, ge=64, description="vllm proposer: engine context length")
     vllm_block_size: int = Field(
@@ -63,11 +64,11 @@ class DraftConfig(NodeConfig):
         "not share cores; on one CPU machine they slow each other, so off by default)",
     )
     adaptive: bool = Field(False, description="choose K and N each round from measured goodput (else fixed)")
-    k_max: int = Field(8, ge=1, le=32, description="adaptive: largest K tried")
+    k_max: int = Field(8, ge=1, le=MAX_SPECULATIVE_TOKENS, description="adaptive: largest K tried")
     num_speculative_tokens: int | None = Field(
         None,
         ge=0,
-        le=32,
+        le=MAX_SPECULATIVE_TOKENS,
         description="K: the most draft tokens a round (default: 16 with the hf proposer, whose chains end early "
         "at --min-chain-probability; 5 with vllm and ngram; measured on a 2-core CPU, see README)",
     )
@@ -86,7 +87,7 @@ class DraftConfig(NodeConfig):
         "product of its tokens' probabilities) is below this (0: off; 0.5: measured fastest, see README)",
     )
     draft_top_k: int = Field(
-        32, ge=1, le=1024, description="when sampling, the draft keeps at most this many tokens (q)"
+        32, ge=1, le=MAX_Q_SUPPORT, description="when sampling, the draft keeps at most this many tokens (q)"
     )
     max_tokens: int = Field(128, ge=1, description="default completion length")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")

@@ -21,6 +21,7 @@ from draft_node.proposers.base import DraftNoise, draft_sampling
 from draft_node.resumable_session import ResumableSession, RetryPolicy
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
+from services.limits import MAX_CANDIDATES, MAX_SPECULATIVE_TOKENS
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 from services.sampling import check_sampling
 from services.tokenizer_fingerprint import tokenizer_fingerprint
@@ -113,12 +114,12 @@ class DraftEngine:
         max_tokens = request.max_tokens or self.config.max_tokens
         if max_tokens > self.config.max_tokens_limit:
             raise InvalidArgument(f"max_tokens {max_tokens} above the limit {self.config.max_tokens_limit}")
-        if request.num_speculative_tokens > 32:
+        if request.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise InvalidArgument(
-                f"num_speculative_tokens {request.num_speculative_tokens} above the limit 32"
+                f"num_speculative_tokens {request.num_speculative_tokens} above the limit {MAX_SPECULATIVE_TOKENS}"
             )
-        if request.num_candidates > 16:
-            raise InvalidArgument(f"num_candidates {request.num_candidates} above the limit 16")
+        if request.num_candidates > MAX_CANDIDATES:
+            raise InvalidArgument(f"num_candidates {request.num_candidates} above the limit {MAX_CANDIDATES}")
         info = self.target_info(wait_s=min(10.0, self.config.target_timeout_s))
         if len(prompt_ids) > info.limits.max_prompt_tokens:
             raise InvalidArgument(

@@ -26,6 +26,7 @@ from pydantic import AfterValidator, BaseModel, Field
 
 from draft_node.engine import DraftEngine
 from services.errors import InvalidArgument, NotFound, SpecwireError, rpc_status
+from services.limits import MAX_CANDIDATES, MAX_SPECULATIVE_TOKENS
 from services.rpc.specwire.v1 import draft_pb2
 from services.security import UNAUTHENTICATED_DETAILS, key_is_valid, presented_key
 
@@ -68,8 +69,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request
     # specwire extensions (OpenAI clients send them with `extra_body`)
-    num_speculative_tokens: int = Field(0, ge=0, le=32)  # K; 0: the node's default
-    num_candidates: int = Field(0, ge=0, le=16)  # N; 0: the node's default
+    num_speculative_tokens: int = Field(0, ge=0, le=MAX_SPECULATIVE_TOKENS)  # K; 0: the node's default
+    num_candidates: int = Field(0, ge=0, le=MAX_CANDIDATES)  # N; 0: the node's default
     strategy: Text = Field("", max_length=64)  # empty: deterministic (greedy) / gumbel (sampling)
     target_only: bool = False  # draft nothing: the target alone, to compare
 

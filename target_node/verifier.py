@@ -8,6 +8,7 @@ import time
 
 from services.candidate_tree import CandidateTree
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from services.limits import mb_to_bytes
 from services.rpc.specwire.v1 import target_pb2
 from services.token_noise import TokenNoise
 from target_node.backends.base import RoundResult, VerifyBackend
@@ -58,7 +59,7 @@ class Verifier:
             config.max_sessions,
             config.session_ttl_s,
             on_remove=self._on_session_removed,
-            budget_bytes=int(config.kv_cache_budget_mb * (1 << 20)),
+            budget_bytes=mb_to_bytes(config.kv_cache_budget_mb),
             size_of=backend.session_bytes,
         )
         metrics.backend.info(backend.describe())

@@ -11,6 +11,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from draft_node.config import DraftConfig
 from draft_node.proposers.base import DraftNoise, Proposer
 from services.compute_thread import ComputeThread
+from services.limits import mb_to_bytes
 from services.model_loading import LoadedModel, load_model, load_tokenizer, resolve_model_dir
 from services.prefix_cache import PrefixCache
 from services.rpc.specwire.v1 import target_pb2
@@ -56,7 +57,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
             use_small_row_linears, loaded.model, small_row_setting(config.small_row_linear), int8=config.weights == "int8"
         )
         eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
-        prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)))
+        prefix_cache = PrefixCache(mb_to_bytes(config.prefix_cache_mb))
         return Drafter(
             loaded.model_id,
             loaded.tokenizer,

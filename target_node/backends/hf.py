@@ -16,6 +16,7 @@ from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
 from services.compute_thread import ComputeThread
 from services.kv_cache import kv_buffers, kv_nbytes, truncate_kv
+from services.limits import mb_to_bytes
 from services.model_loading import LoadedModel
 from services.prefix_cache import PrefixCache
 from services.small_row_linear import small_row_setting, use_small_row_linears
@@ -87,7 +88,7 @@ class HFBackend(VerifyBackend):
             use_small_row_linears, self.model, small_row_setting(config.small_row_linear)
         )
         self.min_rows = config.pad_verify_rows
-        self.prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)))
+        self.prefix_cache = PrefixCache(mb_to_bytes(config.prefix_cache_mb))
         self.kernels = self.compute.run(load_kernels, config.kernels, self.device)
         self.compute.run(check_tree_attention, self.model, loaded.model_id)
         self.batcher: MicroBatcher[ForwardJob, torch.Tensor] = MicroBatcher(

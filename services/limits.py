@@ -1,0 +1,24 @@
+"""Numeric limits shared by both nodes and their APIs, in one place.
+
+A limit that a client can run into lives here (with why it is that number), so the gRPC servicers,
+the HTTP API, the configs and the tests all read the same value.
+"""
+
+from __future__ import annotations
+
+MAX_SPECULATIVE_TOKENS = 32
+"""K: the most draft tokens a round may ask for (a request, the config, the playground). The verify
+forward grows with K and a longer chain is seldom accepted whole; 32 leaves room above the default 16."""
+
+MAX_CANDIDATES = 16
+"""N: the most candidate continuations a round may ask for; N x K nodes must still fit the target's
+tree limit (64 by default)."""
+
+MAX_Q_SUPPORT = 1024
+"""Entries of one trie node's sparse draft distribution q. A draft keeps at most `--draft-top-k`
+tokens (itself at most this), so an honest q is never larger; checked before any loop over it."""
+
+
+def mb_to_bytes(megabytes: float) -> int:
+    """A size given in MiB (the `*_mb` flags) in bytes."""
+    return int(megabytes * (1 << 20))
