@@ -18,6 +18,12 @@ MAX_Q_SUPPORT = 1024
 """Entries of one trie node's sparse draft distribution q. A draft keeps at most `--draft-top-k`
 tokens (itself at most this), so an honest q is never larger; checked before any loop over it."""
 
+MEMORY_BUDGET_FRACTION = 0.5
+"""The target's default memory budget (session KV caches and the prefix cache together): this
+fraction of the memory available at start-up after the model loaded (MemAvailable on a CPU, the
+GPU's free memory on CUDA). Half leaves room for activations, the other node of a pair on the same
+machine, and the allocator's slack."""
+
 
 def mb_to_bytes(megabytes: float) -> int:
     """A size given in MiB (the `*_mb` flags) in bytes."""
