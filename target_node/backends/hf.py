@@ -158,7 +158,8 @@ class HFBackend(VerifyBackend):
         }
 
     def session_bytes(self, session: Session) -> int:
-        return kv_nbytes(session.cache) if session.cache is not None else 0
+        cache = session.cache  # read once: a close on another thread may set it to None meanwhile
+        return kv_nbytes(cache) if cache is not None else 0
 
     def prefill_bytes(self, num_tokens: int) -> int:
         return self.kv_bytes_per_token * (num_tokens + GROWTH_POSITIONS)  # a buffer's spare room included
