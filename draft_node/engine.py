@@ -23,7 +23,7 @@ from draft_node.speculative import RoundOutcome, speculative_rounds
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
 from services.limits import MAX_CANDIDATES, MAX_SPECULATIVE_TOKENS
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
-from services.sampling import check_sampling
+from services.sampling import effective_sampling
 from services.tokenizer_fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
@@ -125,17 +125,16 @@ class DraftEngine:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the target's limit is {info.limits.max_prompt_tokens}"
             )
-        strategy = request.strategy or ("gumbel" if request.temperature > 0 else "deterministic")
+        sampling = effective_sampling(
+            target_pb2.SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
+        )
+        strategy = request.strategy or ("gumbel" if sampling.temperature > 0 else "deterministic")
         # the text of a seeded request depends on the trie shapes (K, N) except under `gumbel`
         controller = self._controller(
             request,
             info.limits.max_tree_nodes,
             fixed=request.HasField("seed") and strategy != "gumbel",
         )
-        sampling = target_pb2.SamplingParams(
-            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
-        )
-        check_sampling(sampling)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         sampling.seed = seed
 

@@ -18,6 +18,10 @@ MAX_Q_SUPPORT = 1024
 """Entries of one trie node's sparse draft distribution q. A draft keeps at most `--draft-top-k`
 tokens (itself at most this), so an honest q is never larger; checked before any loop over it."""
 
+GREEDY_TEMPERATURE = 1e-5
+"""Temperatures below this are greedy (temperature 0) on both nodes, for every strategy and
+proposer, as in vLLM (its _SAMPLING_EPS): logits / 1e-39 overflow to inf and give NaN probabilities."""
+
 MEMORY_BUDGET_FRACTION = 0.5
 """The target's default memory budget (session KV caches and the prefix cache together): this
 fraction of the memory available at start-up after the model loaded (MemAvailable on a CPU, the

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from services.errors import InvalidArgument
+from services.limits import GREEDY_TEMPERATURE
 from services.rpc.specwire.v1 import target_pb2
 
 
@@ -13,6 +14,17 @@ def check_sampling(sampling: target_pb2.SamplingParams) -> None:
         raise InvalidArgument(f"temperature must be in [0, 100], got {sampling.temperature}")
     if not 0 <= sampling.top_p <= 1 or sampling.top_p != sampling.top_p:
         raise InvalidArgument(f"top_p must be in [0, 1], got {sampling.top_p}")
+
+
+def effective_sampling(sampling: target_pb2.SamplingParams) -> target_pb2.SamplingParams:
+    """The checked parameters as both nodes use them: a temperature below GREEDY_TEMPERATURE is
+    greedy (0), since dividing logits by it overflows to inf and gives NaN probabilities."""
+    check_sampling(sampling)
+    effective = target_pb2.SamplingParams()
+    effective.CopyFrom(sampling)
+    if effective.temperature < GREEDY_TEMPERATURE:
+        effective.temperature = 0.0
+    return effective
 
 
 def target_probs(logits: torch.Tensor, sampling: target_pb2.SamplingParams) -> torch.Tensor:

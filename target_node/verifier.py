@@ -10,6 +10,7 @@ from services.candidate_tree import CandidateTree, check_tree_sizes
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from services.limits import MEMORY_BUDGET_FRACTION, mb_to_bytes
 from services.rpc.specwire.v1 import target_pb2
+from services.sampling import effective_sampling
 from services.token_noise import TokenNoise
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
@@ -132,7 +133,7 @@ class Verifier:
                 f"strategy {request.strategy!r} is not available on this backend; use one of {self.backend.strategies}"
             )
         strategy = make_strategy(
-            request.strategy, request.sampling, request.strategy_params, self.backend.kernels
+            request.strategy, effective_sampling(request.sampling), request.strategy_params, self.backend.kernels
         )
         seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63)
         session = Session(SessionStore.new_id(), prompt, strategy, TokenNoise(seed), owner=owner, lineage=lineage)

@@ -79,6 +79,15 @@ def test_sampling_parameters_and_stop(api):
     assert stopped.choices[0].finish_reason == "stop"
 
 
+def test_a_tiny_positive_temperature_is_greedy(api, target_model):
+    """temperature 1e-39 (positive, but logits / 1e-39 overflow) gives the greedy text, not NaN's token 0."""
+    _, _, client = api
+    prompt = "def add(a, b):"
+    expected = target_only_greedy(target_model, target_model.tokenizer.encode(prompt), 16)
+    result = client.completions.create(model="target", prompt=prompt, max_tokens=16, temperature=1e-39, seed=1)
+    assert result.choices[0].text == target_model.tokenizer.decode(expected, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize(
     "body",
     [
