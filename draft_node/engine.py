@@ -6,7 +6,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 
 import grpc
@@ -21,12 +21,21 @@ from draft_node.proposers.base import DraftNoise, draft_sampling
 from draft_node.resumable_session import ResumableSession, RetryPolicy
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
-from services.limits import MAX_CANDIDATES, MAX_SPECULATIVE_TOKENS
+from services.limits import MAX_CANDIDATES, MAX_SPECULATIVE_TOKENS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 from services.sampling import effective_sampling
 from services.tokenizer_fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+def check_stop_strings(stop: Sequence[str]) -> None:
+    """OpenAI's bounds on stop strings (each is scanned once per streamed token)."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop has {len(stop)} strings; the limit is {MAX_STOP_STRINGS}")
+    for i, text in enumerate(stop):
+        if len(text) > MAX_STOP_STRING_CHARS:
+            raise InvalidArgument(f"stop string {i} has {len(text)} characters; the limit is {MAX_STOP_STRING_CHARS}")
 
 
 class DraftEngine:
@@ -110,6 +119,7 @@ class DraftEngine:
     def _generate(
         self, request: draft_pb2.GenerateRequest, prompt_ids: list[int] | None, start: float
     ) -> Iterator[draft_pb2.GenerateChunk]:
+        check_stop_strings(request.stop)
         prompt_ids = self.encode_prompt(request) if prompt_ids is None else prompt_ids
         max_tokens = request.max_tokens or self.config.max_tokens
         if max_tokens > self.config.max_tokens_limit:

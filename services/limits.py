@@ -14,6 +14,14 @@ MAX_CANDIDATES = 16
 """N: the most candidate continuations a round may ask for; N x K nodes must still fit the target's
 tree limit (64 by default)."""
 
+MAX_STOP_STRINGS = 4
+"""Stop strings a request may give: OpenAI's own limit, so every OpenAI client already respects it."""
+
+MAX_STOP_STRING_CHARS = 256
+"""Characters per stop string. The stream holds back a tail that could still grow into a stop
+string and scans it at every token; 256 covers the delimiters people use (a closing tag, a line of
+dashes, a prompt marker) and keeps that scan to about a thousand character steps per token."""
+
 MAX_Q_SUPPORT = 1024
 """Entries of one trie node's sparse draft distribution q. A draft keeps at most `--draft-top-k`
 tokens (itself at most this), so an honest q is never larger; checked before any loop over it."""

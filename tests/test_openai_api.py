@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import json
 
+import grpc
 import httpx
 import openai
 import pytest
 
-from tests.helpers import target_only_greedy
+from tests.helpers import collect, target_only_greedy
 
 
 @pytest.fixture
@@ -112,6 +113,21 @@ def test_bad_parameters_get_400(api, body):
     response = httpx.post(base + "/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "stop", [["a", "b", "c", "d", "e"], ["x" * 257], ["x" * 50000] * 200], ids=["5 strings", "257 chars", "200x50000"]
+)
+def test_stop_strings_are_bounded(api, stop):
+    """OpenAI's 4 stop strings of up to 256 characters; beyond, 400 (HTTP) / INVALID_ARGUMENT (gRPC)
+    before any work, instead of a hold-back scan that stalls the node."""
+    pair, base, client = api
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        client.completions.create(model="target", prompt="hi", max_tokens=4, stop=stop)
+    with pytest.raises(grpc.RpcError) as err:
+        collect(pair.draft_stub, prompt="hi", max_tokens=4, stop=stop)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop" in err.value.details()
+    assert client.completions.create(model="target", prompt="hi", max_tokens=4, stop=["y" * 256] * 4).choices
 
 
 def test_lone_surrogate_in_a_chat_message_is_400(api):
