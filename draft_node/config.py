@@ -9,7 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.config import NodeConfig
-from services.limits import MAX_CANDIDATES, MAX_Q_SUPPORT, MAX_SPECULATIVE_TOKENS
+from services.limits import MAX_CANDIDATES, MAX_HTTP_STREAMS, MAX_Q_SUPPORT, MAX_SPECULATIVE_TOKENS
 
 
 class DraftConfig(NodeConfig):
@@ -35,6 +35,16 @@ class DraftConfig(NodeConfig):
     http_port: int = Field(
         8000, ge=-1, description="OpenAI-compatible HTTP API port (0: pick a free one, -1: off)"
     )
+    http_max_streams: int = Field(
+        MAX_HTTP_STREAMS,
+        ge=1,
+        description="HTTP API: completions (streamed or not) served at once, each on its own thread; "
+        "more get HTTP 429",
+    )
+    http_tls_cert: Path | None = Field(
+        None, description="serve the HTTP API over TLS with this certificate (PEM; default: --tls-cert)"
+    )
+    http_tls_key: Path | None = Field(None, description="private key of --http-tls-cert (default: --tls-key)")
     served_model_name: str = Field(
         "", description="model name in the OpenAI API (default: the draft's target model id)"
     )
@@ -110,6 +120,16 @@ class DraftConfig(NodeConfig):
     def _k_for_proposer(self) -> Self:
         if self.num_speculative_tokens is None:
             self.num_speculative_tokens = self.default_k(self.proposer)
+        return self
+
+    @model_validator(mode="after")
+    def _http_tls(self) -> Self:
+        """The HTTP API takes the node's certificate unless it has its own: Bearer keys never travel
+        in clear on a node that has one."""
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("--http-tls-cert and --http-tls-key go together")
+        if self.http_tls_cert is None:
+            self.http_tls_cert, self.http_tls_key = self.tls_cert, self.tls_key
         return self
 
     @model_validator(mode="after")

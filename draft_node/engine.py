@@ -79,6 +79,18 @@ class DraftEngine:
             return self.encode_chat([{"role": "user", "content": request.prompt}])
         return [int(i) for i in self.tokenizer.encode(request.prompt)]
 
+    def token_prompt(self, token_ids: Sequence[int]) -> list[int]:
+        """A prompt given as token ids (OpenAI's completions accept them), checked against the
+        vocabulary."""
+        if not token_ids:
+            raise InvalidArgument("prompt is empty")
+        if len(token_ids) > self.config.max_prompt_chars:  # no prompt text could make more tokens
+            raise InvalidArgument(f"prompt has {len(token_ids)} token ids; the limit is {self.config.max_prompt_chars}")
+        vocab = len(self.tokenizer)
+        if (bad := next((t for t in token_ids if not 0 <= t < vocab), None)) is not None:
+            raise InvalidArgument(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        return [int(t) for t in token_ids]
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation through the model's chat template, ready for the reply."""
         if not self.tokenizer.chat_template:

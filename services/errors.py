@@ -81,6 +81,7 @@ def rpc_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return code, details
 
 
+INTERNAL_DETAILS = "internal error (details are in the node's log)"
 RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's own name for a server's retry hint
 
 
@@ -101,13 +102,13 @@ def retry_hint_s(exc: grpc.RpcError) -> float | None:
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
     if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(round(exc.retry_after_s * 1000))),))
-    if isinstance(exc, SpecwireError):
+    if isinstance(exc, SpecwireError) and exc.code != grpc.StatusCode.INTERNAL:
         context.abort(exc.code, str(exc))
     if isinstance(exc, grpc.RpcError):  # an upstream call failed: keep its code
         code, details = rpc_status(exc)
         context.abort(code, f"upstream: {details}")
-    log.exception("internal error")
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    log.error("internal error", exc_info=exc)  # the detail stays here: callers get a generic message
+    context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
 
 
 def grpc_errors(method: F) -> F:

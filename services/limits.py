@@ -26,6 +26,11 @@ MAX_Q_SUPPORT = 1024
 """Entries of one trie node's sparse draft distribution q. A draft keeps at most `--draft-top-k`
 tokens (itself at most this), so an honest q is never larger; checked before any loop over it."""
 
+MAX_HTTP_STREAMS = 64
+"""Default bound on completions served over HTTP at once (streamed or not: each holds a worker
+thread while its rounds run); one more gets HTTP 429 at once instead of another thread. 64 matches
+the target's default session limit, which bounds concurrent generations anyway."""
+
 GREEDY_TEMPERATURE = 1e-5
 """Temperatures below this are greedy (temperature 0) on both nodes, for every strategy and
 proposer, as in vLLM (its _SAMPLING_EPS): logits / 1e-39 overflow to inf and give NaN probabilities."""
