@@ -53,7 +53,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
 
         loaded = loaded or load_model(config.model, config.dtype, config.cache_dir, config.device)
         compute = ComputeThread("hf-draft-compute")  # concurrent generations take turns on the one model
-        compute.run(
+        step_rows = compute.run(
             use_small_row_linears, loaded.model, small_row_setting(config.small_row_linear), int8=config.weights == "int8"
         )
         eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
@@ -70,6 +70,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
                 config.confidence_threshold,
                 config.min_chain_probability,
                 prefix_cache,
+                step_rows,
             ),
             max_candidates=1,
             stop=compute.stop,
