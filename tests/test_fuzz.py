@@ -11,7 +11,7 @@ import grpc
 import httpx
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from services.candidate_tree import CandidateTree
@@ -34,6 +34,10 @@ stop_strings = st.lists(
     ),
     max_size=MAX_STOP_STRINGS + 2,
 )
+
+
+def stops_out_of_bounds(stop: list[str]) -> bool:
+    return len(stop) > MAX_STOP_STRINGS or any(len(text) > MAX_STOP_STRING_CHARS for text in stop)
 
 
 def token_prompts(vocab: int):
@@ -63,6 +67,9 @@ def test_http_fuzz(pair, target_model):
     vocab = len(target_model.tokenizer)
 
     @FUZZ
+    @example({"prompt": [5, 6, 7], "max_tokens": 2})  # token ids
+    @example({"prompt": "hi", "max_tokens": 2, "stop": ["x"] * (MAX_STOP_STRINGS + 1)})
+    @example({"prompt": "hi", "max_tokens": 2, "temperature": 1e-39, "stream": True, "strategy": "probabilistic"})
     @given(
         st.fixed_dictionaries(
             {"prompt": st.one_of(st.text(max_size=12), token_prompts(vocab)), "max_tokens": st.integers(1, 4)},
@@ -75,22 +82,34 @@ def test_http_fuzz(pair, target_model):
         )
     )
     def check(body):
-        with http.stream("POST", "/v1/completions", content=json.dumps(body)) as response:
+        raw = json.dumps(body)
+        with http.stream("POST", "/v1/completions", content=raw, headers={"content-type": "application/json"}) as response:
             response.read()
         assert response.status_code < 500, (body, response.text)
+        if stops_out_of_bounds(body.get("stop", [])):
+            assert response.status_code == 400, (body, response.text)
         if response.status_code >= 400:
-            assert response.json()["error"]["message"], body
+            message = response.json()["error"]["message"]
+            assert message, body
+            prompt = body["prompt"]
+            if isinstance(prompt, list) and prompt and all(isinstance(t, int) and 0 <= t < vocab for t in prompt):
+                assert not message.startswith("prompt"), (body, message)  # token ids are a prompt
         elif body.get("stream"):
             events = [line[6:] for line in response.text.splitlines() if line.startswith("data: ")]
             assert events[-1] == "[DONE]", body
             assert not any('"error"' in event for event in events), (body, events)
+        ok.append(response.status_code == 200)
 
+    ok: list[bool] = []
     check()
+    assert sum(ok) >= 5, "too few requests were valid to mean anything"
     assert_healthy(pair, target_model)
 
 
 def test_grpc_generate_fuzz(pair, target_model):
     @FUZZ
+    @example("hi", 2, 1e-39, 1.0, 0, [], "probabilistic", 3, 1)
+    @example("hi", 2, 0.0, 1.0, 0, ["y" * (MAX_STOP_STRING_CHARS + 1)], "", 3, 1)
     @given(
         prompt=st.text(max_size=12),
         max_tokens=st.integers(1, 4),
@@ -111,8 +130,13 @@ def test_grpc_generate_fuzz(pair, target_model):
             list(pair.draft_stub.Generate(request, timeout=60))
         except grpc.RpcError as exc:
             assert exc.code() not in FAILURES, (request, exc.details())
+        else:
+            assert not stops_out_of_bounds(stop), request
+            ok.append(True)
 
+    ok: list[bool] = []
     check()
+    assert len(ok) >= 5, "too few requests were valid to mean anything"
     assert_healthy(pair, target_model)
 
 
@@ -147,12 +171,18 @@ def test_grpc_verify_fuzz_with_q_supports(pair, target_model):
             if size and data.draw(st.booleans()):
                 tree.draft_probs.extend(sparse_q(data.draw, vocab, token) for token in tree.token_ids)
             request = target_pb2.VerifyRequest(session_id=opened.session_id, round_id=0, tree=tree)
+            oversized = any(len(q.token_ids) > MAX_Q_SUPPORT for q in tree.draft_probs)
             try:
                 pair.target_stub.Verify(request, timeout=60)
+                assert not oversized, "an oversized q was taken"
+                ok.append(True)
             except grpc.RpcError as exc:
                 assert exc.code() not in FAILURES, exc.details()
+                assert not oversized or f"the limit is {MAX_Q_SUPPORT}" in exc.details(), exc.details()
         finally:
             pair.target_stub.CloseSession(target_pb2.CloseSessionRequest(session_id=opened.session_id))
 
+    ok: list[bool] = []
     check()
+    assert len(ok) >= 5, "too few rounds were valid to mean anything"
     assert_healthy(pair, target_model)
