@@ -24,21 +24,12 @@ from tests.helpers import collect, forget_sessions_at
 SEEDS = (11, 12, 13)
 
 
+REQUEST = {"prompt": "Natalia sold clips to 48 of her friends", "max_tokens": 40, "temperature": 1.0, "top_k": 20}
+
+
 def texts(pair, strategy: str, k: int) -> list[list[int]]:
     """One seeded generation per seed."""
-    return [
-        collect(
-            pair.draft_stub,
-            prompt="Natalia sold clips to 48 of her friends",
-            max_tokens=40,
-            temperature=1.0,
-            top_k=20,
-            seed=seed,
-            strategy=strategy,
-            num_speculative_tokens=k,
-        )[0]
-        for seed in SEEDS
-    ]
+    return [collect(pair.draft_stub, seed=s, strategy=strategy, num_speculative_tokens=k, **REQUEST)[0] for s in SEEDS]
 
 
 def batched_forwards(verifier) -> float:
