@@ -291,9 +291,11 @@ def create_app(
 
         stream = generations.start(produce)
         gone = asyncio.ensure_future(until_disconnect(request))
+        handed_over = False  # to the SSE response, which closes the stream itself
         try:
             first = await next_unless_gone(stream, gone)  # validation errors surface here, before any response
             if body.stream:
+                handed_over = True
                 return StreamingResponse(events(first, stream, chat, shown), media_type="text/event-stream")
             collected = [first]
             while True:
@@ -305,7 +307,7 @@ def create_app(
             return Response(status_code=499)  # nobody to answer; the generation has stopped
         finally:
             gone.cancel()
-            if not body.stream:
+            if not handed_over:
                 stream.close()
         text = "".join(c.text for c in collected)
         completion_tokens = sum(len(c.token_ids) for c in collected)

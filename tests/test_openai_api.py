@@ -359,6 +359,30 @@ def test_a_client_that_leaves_a_non_streaming_request_cancels_its_generation(api
     assert requests.labels("cancelled")._value.get() == 1
 
 
+def test_a_client_that_leaves_before_the_first_chunk_cancels_its_stream(api):
+    """Gone while the prompt is still prefilling: the generation stops after its first chunk."""
+    pair, base, _ = api
+    slow_rounds(pair, 0.2)
+    verifier = pair.target.node
+    prefill = verifier.backend.prefill
+
+    def slow_prefill(session):
+        time.sleep(2)
+        return prefill(session)
+
+    verifier.backend.prefill = slow_prefill
+    body = {"prompt": "Natalia sold clips", "max_tokens": 1000, "temperature": 0, "num_speculative_tokens": 1}
+    with pytest.raises(httpx.ReadTimeout), httpx.stream(
+        "POST", base + "/v1/completions", json={**body, "stream": True}, timeout=1.0
+    ) as response:
+        response.read()
+    deadline = time.monotonic() + 15
+    while not verifier.metrics.sessions_opened._value.get() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert verifier.metrics.sessions_opened._value.get() == 1
+    assert wait_until_no_target_sessions(pair) == 0
+
+
 def test_concurrent_http_generations_are_bounded(tiny, pair_factory):
     """Past `--http-max-streams` generations at once a request gets 429 with a clear message (no new
     thread); a finished one frees its slot."""
