@@ -385,3 +385,15 @@ def test_cuda_greedy_kernel_follows_the_rule(vocab):
     tree = CandidateTree([-1] * (len(expected) - 1), [0] * (len(expected) - 1))
     got = load_kernels("cuda", "cuda").tree_greedy_verify(rows[None].cuda(), pack_trees([tree], "cuda"))
     assert got.target_argmax[0].tolist() == expected
+
+
+def test_lossy_rules_never_accept_a_nan_logit():
+    """The lossy strategies judge on the same rule: a token whose logit is NaN is nobody's top-k and
+    has no probability."""
+    from target_node.strategies import make_strategy
+
+    rows = torch.tensor([[NAN, 5.0, 1.0, 0.0]] * 2)
+    tokens = torch.tensor([0, 1])
+    for name in ("topk", "threshold", "typical"):
+        strategy = make_strategy(name, target_pb2.SamplingParams(temperature=1.0), target_pb2.StrategyParams(top_k=1))
+        assert strategy.accept(rows, tokens).tolist() == [False, True], name
