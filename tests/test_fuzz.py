@@ -102,7 +102,7 @@ def test_http_fuzz(pair, target_model):
 
     ok: list[bool] = []
     check()
-    assert sum(ok) >= 5, "too few requests were valid to mean anything"
+    assert sum(ok) >= 2, "the valid explicit examples were refused"  # ids and a tiny temperature
     assert_healthy(pair, target_model)
 
 
@@ -136,7 +136,7 @@ def test_grpc_generate_fuzz(pair, target_model):
 
     ok: list[bool] = []
     check()
-    assert len(ok) >= 5, "too few requests were valid to mean anything"
+    assert len(ok) >= 1, "the valid explicit example was refused"
     assert_healthy(pair, target_model)
 
 
