@@ -40,6 +40,7 @@ from benchmarks.bench_runners import Generation, HFRunner, Settings, SpecwireGrp
 from draft_node.config import DraftConfig
 from draft_node.local_pair import local_pair
 from draft_node.proposers import eos_token_ids
+from services.limits import mb_to_bytes
 from services.model_loading import load_model
 from services.prefix_cache import PrefixCache
 from services.small_row_linear import small_row_setting, use_small_row_linears
@@ -205,7 +206,7 @@ def main(argv: list[str] | None = None) -> dict:
         tuple[str, object, int]
     ] = []  # (name, runner, concurrent requests); HF generate: one at a time
     def prefix_cache() -> PrefixCache:  # one per run, as each target node has its own
-        return PrefixCache(int(args.prefix_cache_mb * (1 << 20)))
+        return PrefixCache(mb_to_bytes(args.prefix_cache_mb))
 
     if not args.no_baseline:
         runs.append(("target-alone", HFRunner(target, settings(), eos, prefix_cache=prefix_cache()), 1))

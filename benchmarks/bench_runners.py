@@ -14,9 +14,9 @@ import torch
 from transformers.generation.streamers import BaseStreamer
 
 from services.model_loading import LoadedModel
-from services.sampling import top1 as greedy_token
 from services.prefix_cache import PrefixCache
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
+from services.sampling import top1 as greedy_token
 
 
 @dataclass

@@ -69,15 +69,19 @@ class Target:
         return self.verifier.open_session(target_pb2.OpenSessionRequest.FromString(request)).SerializeToString()
 
     @modal.method()
-    def verify(self, request: bytes, resume: bytes = b"") -> bytes:
-        """One round: a trie of N candidates; `resume` rebuilds the session if this container lacks it."""
+    def verify(self, request: bytes, resume: bytes = b"", lineage: str = "") -> bytes:
+        """One round: a trie of N candidates; `resume` rebuilds the session if this container lacks it,
+        replacing this container's older session of the generation `lineage` (its first session id)."""
         from services.rpc.specwire.v1 import target_pb2
 
         response = self.verifier.verify_or_rebuild(
-            target_pb2.VerifyRequest.FromString(request), target_pb2.OpenSessionRequest.FromString(resume)
+            target_pb2.VerifyRequest.FromString(request),
+            target_pb2.OpenSessionRequest.FromString(resume),
+            lineage=lineage,
         )
         return response.SerializeToString()
 
     @modal.method()
-    def close_session(self, session_id: str) -> bool:
-        return self.verifier.close_session(session_id)
+    def close_session(self, session_id: str, lineage: str = "") -> bool:
+        """Close the session and this container's other sessions of its generation."""
+        return self.verifier.close_session(session_id, lineage=lineage)

@@ -9,6 +9,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.config import NodeConfig
+from services.limits import MAX_CANDIDATES, MAX_HTTP_STREAMS, MAX_Q_SUPPORT, MAX_SPECULATIVE_TOKENS
 
 
 class DraftConfig(NodeConfig):
@@ -43,6 +44,16 @@ class DraftConfig(NodeConfig):
     http_port: int = Field(
         8000, ge=-1, description="OpenAI-compatible HTTP API port (0: pick a free one, -1: off)"
     )
+    http_max_streams: int = Field(
+        MAX_HTTP_STREAMS,
+        ge=1,
+        description="HTTP API: completions (streamed or not) served at once, each on its own thread; "
+        "more get HTTP 429",
+    )
+    http_tls_cert: Path | None = Field(
+        None, description="serve the HTTP API over TLS with this certificate (PEM; default: --tls-cert)"
+    )
+    http_tls_key: Path | None = Field(None, description="private key of --http-tls-cert (default: --tls-key)")
     served_model_name: str = Field(
         "", description="model name in the OpenAI API (default: the draft's target model id)"
     )
@@ -58,7 +69,7 @@ class DraftConfig(NodeConfig):
         "hf", description="how drafts are made: HF model, vLLM engine, or prompt lookup (n-gram, no model)"
     )
     num_candidates: int = Field(
-        1, ge=1, le=16, description="N: candidate continuations per round (vllm, ngram)"
+        1, ge=1, le=MAX_CANDIDATES, description="N: candidate continuations per round (vllm, ngram)"
     )
     vllm_max_model_len: int = Field(4096, ge=64, description="vllm proposer: engine context length")
     vllm_block_size: int = Field(
@@ -72,11 +83,11 @@ class DraftConfig(NodeConfig):
         "not share cores; on one CPU machine they slow each other, so off by default)",
     )
     adaptive: bool = Field(False, description="choose K and N each round from measured goodput (else fixed)")
-    k_max: int = Field(8, ge=1, le=32, description="adaptive: largest K tried")
+    k_max: int = Field(8, ge=1, le=MAX_SPECULATIVE_TOKENS, description="adaptive: largest K tried")
     num_speculative_tokens: int | None = Field(
         None,
         ge=0,
-        le=32,
+        le=MAX_SPECULATIVE_TOKENS,
         description="K: the most draft tokens a round (default: 16 with the hf proposer, whose chains end early "
         "at --min-chain-probability; 5 with vllm and ngram; measured on a 2-core CPU, see README)",
     )
@@ -95,7 +106,7 @@ class DraftConfig(NodeConfig):
         "product of its tokens' probabilities) is below this (0: off; 0.5: measured fastest, see README)",
     )
     draft_top_k: int = Field(
-        32, ge=1, le=1024, description="when sampling, the draft keeps at most this many tokens (q)"
+        32, ge=1, le=MAX_Q_SUPPORT, description="when sampling, the draft keeps at most this many tokens (q)"
     )
     max_tokens: int = Field(128, ge=1, description="default completion length")
     max_tokens_limit: int = Field(4096, ge=1, description="largest max_tokens a request may ask for")
@@ -118,6 +129,16 @@ class DraftConfig(NodeConfig):
     def _k_for_proposer(self) -> Self:
         if self.num_speculative_tokens is None:
             self.num_speculative_tokens = self.default_k(self.proposer)
+        return self
+
+    @model_validator(mode="after")
+    def _http_tls(self) -> Self:
+        """The HTTP API takes the node's certificate unless it has its own: Bearer keys never travel
+        in clear on a node that has one."""
+        if (self.http_tls_cert is None) != (self.http_tls_key is None):
+            raise ValueError("--http-tls-cert and --http-tls-key go together")
+        if self.http_tls_cert is None:
+            self.http_tls_cert, self.http_tls_key = self.tls_cert, self.tls_key
         return self
 
     @model_validator(mode="after")

@@ -6,7 +6,7 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import closing
 
 import grpc
@@ -21,11 +21,21 @@ from draft_node.proposers.base import DraftNoise, draft_sampling
 from draft_node.resumable_session import ResumableSession, RetryPolicy
 from draft_node.speculative import RoundOutcome, speculative_rounds
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
+from services.limits import MAX_CANDIDATES, MAX_SPECULATIVE_TOKENS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
-from services.sampling import check_sampling
+from services.sampling import effective_sampling
 from services.tokenizer_fingerprint import tokenizer_fingerprint
 
 log = logging.getLogger(__name__)
+
+
+def check_stop_strings(stop: Sequence[str]) -> None:
+    """OpenAI's bounds on stop strings (each is scanned once per streamed token)."""
+    if len(stop) > MAX_STOP_STRINGS:
+        raise InvalidArgument(f"stop has {len(stop)} strings; the limit is {MAX_STOP_STRINGS}")
+    for i, text in enumerate(stop):
+        if len(text) > MAX_STOP_STRING_CHARS:
+            raise InvalidArgument(f"stop string {i} has {len(text)} characters; the limit is {MAX_STOP_STRING_CHARS}")
 
 
 class DraftEngine:
@@ -69,6 +79,18 @@ class DraftEngine:
             return self.encode_chat([{"role": "user", "content": request.prompt}])
         return [int(i) for i in self.tokenizer.encode(request.prompt)]
 
+    def token_prompt(self, token_ids: Sequence[int]) -> list[int]:
+        """A prompt given as token ids (OpenAI's completions accept them), checked against the
+        vocabulary."""
+        if not token_ids:
+            raise InvalidArgument("prompt is empty")
+        if len(token_ids) > self.config.max_prompt_chars:  # no prompt text could make more tokens
+            raise InvalidArgument(f"prompt has {len(token_ids)} token ids; the limit is {self.config.max_prompt_chars}")
+        vocab = len(self.tokenizer)
+        if (bad := next((t for t in token_ids if not 0 <= t < vocab), None)) is not None:
+            raise InvalidArgument(f"prompt token id {bad} is outside the vocabulary [0, {vocab})")
+        return [int(t) for t in token_ids]
+
     def encode_chat(self, messages: list[dict[str, str]]) -> list[int]:
         """Token ids of a conversation through the model's chat template, ready for the reply."""
         if not self.tokenizer.chat_template:
@@ -109,32 +131,32 @@ class DraftEngine:
     def _generate(
         self, request: draft_pb2.GenerateRequest, prompt_ids: list[int] | None, start: float
     ) -> Iterator[draft_pb2.GenerateChunk]:
+        check_stop_strings(request.stop)
         prompt_ids = self.encode_prompt(request) if prompt_ids is None else prompt_ids
         max_tokens = request.max_tokens or self.config.max_tokens
         if max_tokens > self.config.max_tokens_limit:
             raise InvalidArgument(f"max_tokens {max_tokens} above the limit {self.config.max_tokens_limit}")
-        if request.num_speculative_tokens > 32:
+        if request.num_speculative_tokens > MAX_SPECULATIVE_TOKENS:
             raise InvalidArgument(
-                f"num_speculative_tokens {request.num_speculative_tokens} above the limit 32"
+                f"num_speculative_tokens {request.num_speculative_tokens} above the limit {MAX_SPECULATIVE_TOKENS}"
             )
-        if request.num_candidates > 16:
-            raise InvalidArgument(f"num_candidates {request.num_candidates} above the limit 16")
+        if request.num_candidates > MAX_CANDIDATES:
+            raise InvalidArgument(f"num_candidates {request.num_candidates} above the limit {MAX_CANDIDATES}")
         info = self.target_info(wait_s=min(10.0, self.config.target_timeout_s))
         if len(prompt_ids) > info.limits.max_prompt_tokens:
             raise InvalidArgument(
                 f"prompt has {len(prompt_ids)} tokens; the target's limit is {info.limits.max_prompt_tokens}"
             )
-        strategy = request.strategy or ("gumbel" if request.temperature > 0 else "deterministic")
+        sampling = effective_sampling(
+            target_pb2.SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
+        )
+        strategy = request.strategy or ("gumbel" if sampling.temperature > 0 else "deterministic")
         # the text of a seeded request depends on the trie shapes (K, N) except under `gumbel`
         controller = self._controller(
             request,
             info.limits.max_tree_nodes,
             fixed=request.HasField("seed") and strategy != "gumbel",
         )
-        sampling = target_pb2.SamplingParams(
-            temperature=request.temperature, top_p=request.top_p, top_k=request.top_k
-        )
-        check_sampling(sampling)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         sampling.seed = seed
 

@@ -2,9 +2,11 @@
 
 Same methods and errors as the gRPC TargetClient, so ResumableSession's retries apply: Modal's
 transient failures surface as UNAVAILABLE (retried with jittered backoff), target errors keep
-their status code. Each verify also sends the session's committed tokens, because Modal may run
-the call on a container that does not hold the session; the target then rebuilds it and answers
-with the new session id, which this client adopts.
+their status code (and a full container's retry hint). Each verify also sends the session's
+committed tokens, because Modal may run the call on a container that does not hold the session;
+the target then rebuilds it and answers with the new session id, which this client adopts. Every
+call also names the generation (its first session id), so a container replaces its own older
+session of it instead of keeping one orphan per re-route until the TTL.
 """
 
 from __future__ import annotations
@@ -60,6 +62,7 @@ class ModalTargetSession:
     ) -> None:
         self.session_id = opened.session_id
         self.first_token_id = opened.first_token_id
+        self._lineage = opened.session_id  # names this generation on every container it reaches
         self._client = client
         self._round = 0
         self._resume = resume  # prompt + committed tokens, the pending token apart
@@ -67,7 +70,9 @@ class ModalTargetSession:
 
     def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse:
         request = target_pb2.VerifyRequest(session_id=self.session_id, round_id=self._round, tree=tree.to_proto())
-        raw = self._client.call("verify", request.SerializeToString(), self._resume.SerializeToString())
+        raw = self._client.call(
+            "verify", request.SerializeToString(), self._resume.SerializeToString(), self._lineage
+        )
         response = target_pb2.VerifyResponse.FromString(raw)
         self.session_id = response.session_id  # a rebuilt session has a new id and restarts at round 0
         self._round = response.round_id + 1
@@ -77,7 +82,7 @@ class ModalTargetSession:
 
     def close(self) -> None:
         try:
-            self._client.call("close_session", self.session_id)
+            self._client.call("close_session", self.session_id, self._lineage)
         except grpc.RpcError:
             pass  # best effort: the target's TTL frees it otherwise
 
@@ -92,7 +97,7 @@ class ModalTargetClient:
         try:
             return self._caller(method, *args)
         except SpecwireError as exc:
-            raise RemoteCallError(exc.code, str(exc)) from exc
+            raise RemoteCallError(exc.code, str(exc), getattr(exc, "retry_after_s", None)) from exc
         except self._transient as exc:
             raise RemoteCallError(grpc.StatusCode.UNAVAILABLE, f"modal: {exc}") from exc
 

@@ -6,28 +6,32 @@ clients): each token's provenance, text and target logprob, and the round that p
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import itertools
 import json
+import logging
 import threading
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Generator, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 import grpc
 import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from fastapi.staticfiles import StaticFiles
-from pydantic import AfterValidator, BaseModel, Field
+from pydantic import AfterValidator, BaseModel, Field, StrictInt
 
 from draft_node.engine import DraftEngine
-from services.errors import InvalidArgument, NotFound, SpecwireError, rpc_status
+from draft_node.http_generations import GenerationStream, GenerationThreads
+from services.errors import INTERNAL_DETAILS, InvalidArgument, NotFound, SpecwireError, rpc_status
+from services.limits import MAX_CANDIDATES, MAX_HTTP_STREAMS, MAX_SPECULATIVE_TOKENS
 from services.rpc.specwire.v1 import draft_pb2
 from services.security import UNAUTHENTICATED_DETAILS, key_is_valid, presented_key
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -68,8 +72,8 @@ class SamplingFields(BaseModel):
     stream: bool = False
     n: int = Field(1, ge=1, le=1)  # one choice per request
     # specwire extensions (OpenAI clients send them with `extra_body`)
-    num_speculative_tokens: int = Field(0, ge=0, le=32)  # K; 0: the node's default
-    num_candidates: int = Field(0, ge=0, le=16)  # N; 0: the node's default
+    num_speculative_tokens: int = Field(0, ge=0, le=MAX_SPECULATIVE_TOKENS)  # K; 0: the node's default
+    num_candidates: int = Field(0, ge=0, le=MAX_CANDIDATES)  # N; 0: the node's default
     strategy: Text = Field("", max_length=64)  # empty: deterministic (greedy) / gumbel (sampling)
     target_only: bool = False  # draft nothing: the target alone, to compare
 
@@ -93,7 +97,7 @@ class SamplingFields(BaseModel):
 
 
 class CompletionRequest(SamplingFields):
-    prompt: Text | list[Text]
+    prompt: Text | list[Text] | list[StrictInt] | list[list[StrictInt]]  # text, or token ids
 
 
 class ChatMessage(BaseModel):
@@ -153,49 +157,66 @@ def chunk_extension(chunk: draft_pb2.GenerateChunk, token_text: Callable[[int], 
     return extension
 
 
-async def stream_on_thread(iterator: Generator[str, None, None]) -> AsyncIterator[str]:
-    """Drive a blocking iterator from a worker thread. When the client goes away (this generator is
-    cancelled), the worker stops after the item in progress and closes the iterator itself, which
-    ends the generation and frees its target session at once, not whenever it is garbage-collected."""
-    loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[str | None] = asyncio.Queue()
-    gone = threading.Event()
+class ClientGone(Exception):
+    """The HTTP client disconnected before its response was ready."""
 
-    def put(item: str | None) -> None:
-        with contextlib.suppress(RuntimeError):  # the event loop is already closed
-            loop.call_soon_threadsafe(queue.put_nowait, item)
 
-    def pump() -> None:
-        try:
-            for item in iterator:
-                if gone.is_set():
-                    break
-                put(item)
-        finally:
-            iterator.close()  # on the thread that ran it
-            put(None)
+async def until_disconnect(request: Request) -> None:
+    """Return when the client disconnects (the request body has been read already)."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
-    threading.Thread(target=pump, name="sse-stream", daemon=True).start()
-    try:
-        while (item := await queue.get()) is not None:
-            yield item
-    finally:
-        gone.set()
+
+async def next_unless_gone(stream: GenerationStream[T], gone: asyncio.Future) -> T:
+    """The stream's next item, or ClientGone if the client disconnects first."""
+    item = asyncio.ensure_future(anext(stream))
+    await asyncio.wait({item, gone}, return_when=asyncio.FIRST_COMPLETED)
+    if not item.done():
+        item.cancel()
+        raise ClientGone
+    return item.result()
+
+
+INTERNAL_CODES = (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
 
 
 def stream_error(exc: SpecwireError | grpc.RpcError) -> tuple[int, str, str]:
-    """HTTP status, message and error type of a failure (a response, or an event mid-stream)."""
+    """HTTP status, message and error type of a failure (a response, or an event mid-stream). An
+    internal error says only that: its text (exception detail) stays in the log."""
     if isinstance(exc, SpecwireError):
+        if exc.code in INTERNAL_CODES:
+            log.error("internal error: %s", exc)
+            return 500, INTERNAL_DETAILS, "internal_error"
         return HTTP_STATUS.get(exc.code, 500), str(exc), "invalid_request_error"
     code, details = rpc_status(exc)
+    if code in INTERNAL_CODES:
+        log.error("target error %s: %s", code.name, details)
+        details = INTERNAL_DETAILS
     return HTTP_STATUS.get(code, 502), f"target: {details}", "upstream_error"
 
 
+def single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str | list[int]:
+    """The one prompt of a completion request: text, or token ids (a list of ints, or a list
+    holding one such list, as OpenAI accepts)."""
+    if isinstance(prompt, str):
+        return prompt
+    if prompt and all(isinstance(item, int) for item in prompt):
+        return prompt  # type: ignore[return-value]
+    if len(prompt) != 1:
+        raise InvalidArgument("prompt: exactly one prompt per request is supported")
+    return prompt[0]  # type: ignore[return-value]
+
+
 def create_app(
-    engine: DraftEngine, served_model_name: str = "", api_keys: Sequence[bytes] = ()
+    engine: DraftEngine,
+    served_model_name: str = "",
+    api_keys: Sequence[bytes] = (),
+    max_generations: int = MAX_HTTP_STREAMS,
 ) -> FastAPI:
     """The API app; the model is named `served_model_name`, or else after the target's model.
-    With `api_keys`, every /v1 call needs `Authorization: Bearer <key>` (as OpenAI clients send)."""
+    With `api_keys`, every /v1 call needs `Authorization: Bearer <key>` (as OpenAI clients send).
+    At most `max_generations` completions (streamed or not) run at once; more get HTTP 429."""
+    generations = GenerationThreads(max_generations)
 
     def model_name() -> str:
         return served_model_name or engine.target_info().model_id
@@ -224,6 +245,11 @@ def create_app(
     async def upstream_error(request: Request, exc: grpc.RpcError) -> JSONResponse:
         return error_response(*stream_error(exc))
 
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error serving %s", request.url.path, exc_info=exc)
+        return error_response(500, INTERNAL_DETAILS, "internal_error")
+
     @app.get("/", include_in_schema=False)
     def playground() -> FileResponse:
         """The playground page (no API key needed to load it; it asks for one and sends it)."""
@@ -236,7 +262,8 @@ def create_app(
         try:
             engine.target_info()
         except (SpecwireError, grpc.RpcError) as exc:
-            return error_response(503, f"target not available: {exc}", "unavailable")
+            log.warning("health: target not available: %s", exc)
+            return error_response(503, "target not available", "unavailable")
         return JSONResponse({"status": "ok"})
 
     @app.get("/v1/models")
@@ -249,102 +276,130 @@ def create_app(
     def token_text(token_id: int) -> str:
         return engine.tokenizer.decode([token_id])
 
-    def respond(body: SamplingFields, prompt_ids: list[int], chat: bool) -> Any:
-        if body.model not in (None, model_name()):
-            raise NotFound(f"model {body.model!r} does not exist; this server serves {model_name()!r}")
-        chunks = engine.generate(body.generate_request(), prompt_ids)
-        first = next(chunks)  # validation errors surface here, before any response is sent
+    async def respond(
+        body: SamplingFields, encode: Callable[[], list[int]], chat: bool, request: Request
+    ) -> Any:
+        shown: dict[str, Any] = {}  # set on the worker before its first chunk
+
+        def produce() -> Iterator[draft_pb2.GenerateChunk]:
+            shown["model"] = model_name()
+            if body.model not in (None, shown["model"]):
+                raise NotFound(f"model {body.model!r} does not exist; this server serves {shown['model']!r}")
+            prompt_ids = encode()
+            shown["prompt_tokens"] = len(prompt_ids)
+            yield from engine.generate(body.generate_request(), prompt_ids)
+
+        stream = generations.start(produce)
+        gone = asyncio.ensure_future(until_disconnect(request))
+        handed_over = False  # to the SSE response, which closes the stream itself
+        try:
+            first = await next_unless_gone(stream, gone)  # validation errors surface here, before any response
+            if body.stream:
+                handed_over = True
+                return StreamingResponse(events(first, stream, chat, shown), media_type="text/event-stream")
+            collected = [first]
+            while True:
+                try:
+                    collected.append(await next_unless_gone(stream, gone))
+                except StopAsyncIteration:
+                    break
+        except ClientGone:
+            return Response(status_code=499)  # nobody to answer; the generation has stopped
+        finally:
+            gone.cancel()
+            if not handed_over:
+                stream.close()
+        text = "".join(c.text for c in collected)
+        completion_tokens = sum(len(c.token_ids) for c in collected)
+        finish = collected[-1].finish_reason or "length"
+        choice = (
+            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+            if chat
+            else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+        )
+        return {
+            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": shown["model"],
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": shown["prompt_tokens"],
+                "completion_tokens": completion_tokens,
+                "total_tokens": shown["prompt_tokens"] + completion_tokens,
+            },
+        }
+
+    async def events(
+        first: draft_pb2.GenerateChunk, stream: GenerationStream, chat: bool, shown: dict[str, Any]
+    ) -> AsyncIterator[str]:
+        """The SSE stream: chunks, then `[DONE]`; a failure after the 200 is an error event (as OpenAI
+        sends it) followed by `[DONE]`. A client that goes away stops the generation."""
         rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        created = int(time.time())
-        kind = "chat.completion" if chat else "text_completion"
-
-        if not body.stream:
-            collected = [first, *chunks]
-            text = "".join(c.text for c in collected)
-            completion_tokens = sum(len(c.token_ids) for c in collected)
-            finish = collected[-1].finish_reason or "length"
-            choice = (
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-                if chat
-                else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-            )
-            return {
-                "id": rid,
-                "object": kind,
-                "created": created,
-                "model": model_name(),
-                "choices": [choice],
-                "usage": {
-                    "prompt_tokens": len(prompt_ids),
-                    "completion_tokens": completion_tokens,
-                    "total_tokens": len(prompt_ids) + completion_tokens,
-                },
-            }
-
-        def events() -> Iterator[str]:
-            kind_chunk = f"{kind}.chunk" if chat else kind
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": shown["model"]}  # fmt: skip
+        try:
             if chat:
-                yield _sse(
-                    {
-                        "id": rid,
-                        "object": kind_chunk,
-                        "created": created,
-                        "model": model_name(),
-                        "choices": [
-                            {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}
-                        ],
-                    }
+                delta = {"role": "assistant", "content": ""}
+                yield _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            chunk = first
+            while True:
+                finish = chunk.finish_reason or None
+                choice = (
+                    {"index": 0, "delta": {"content": chunk.text}, "finish_reason": finish}
+                    if chat
+                    else {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
                 )
-            try:
-                for chunk in itertools.chain([first], chunks):
-                    finish = chunk.finish_reason or None
-                    choice = (
-                        {"index": 0, "delta": {"content": chunk.text}, "finish_reason": finish}
-                        if chat
-                        else {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
-                    )
-                    yield _sse(
-                        {
-                            "id": rid,
-                            "object": kind_chunk,
-                            "created": created,
-                            "model": model_name(),
-                            "choices": [choice],
-                            "specwire": chunk_extension(chunk, token_text),
-                        }
-                    )
-            except (SpecwireError, grpc.RpcError) as exc:  # after the 200: an error event, as OpenAI sends
-                status, message, kind_name = stream_error(exc)
-                yield _sse({"error": {"message": message, "type": kind_name, "code": status}})
-                return
-            finally:
-                chunks.close()  # a client that went away stops the generation and frees its session
-            yield _sse("[DONE]")
-
-        return StreamingResponse(stream_on_thread(events()), media_type="text/event-stream")
+                yield _sse({**head, "choices": [choice], "specwire": chunk_extension(chunk, token_text)})
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+        except (SpecwireError, grpc.RpcError) as exc:
+            status, message, kind_name = stream_error(exc)
+            yield _sse({"error": {"message": message, "type": kind_name, "code": status}})
+        except Exception:
+            log.exception("generation failed mid-stream")
+            yield _sse({"error": {"message": INTERNAL_DETAILS, "type": "internal_error", "code": 500}})
+        finally:
+            stream.close()  # a client that went away stops the generation and frees its session
+        yield _sse("[DONE]")
 
     @app.post("/v1/completions")
-    def completions(body: CompletionRequest) -> Any:
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        if len(prompts) != 1:
-            return error_response(400, "prompt: exactly one prompt per request is supported")
-        if not prompts[0]:
-            raise InvalidArgument("prompt is empty")
-        return respond(body, engine.encode_prompt(draft_pb2.GenerateRequest(prompt=prompts[0])), chat=False)
+    async def completions(body: CompletionRequest, request: Request) -> Any:
+        prompt = single_prompt(body.prompt)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgument("prompt is empty")
+            return await respond(
+                body, lambda: engine.encode_prompt(draft_pb2.GenerateRequest(prompt=prompt)), False, request
+            )
+        return await respond(body, lambda: engine.token_prompt(prompt), False, request)
 
     @app.post("/v1/chat/completions")
-    def chat_completions(body: ChatCompletionRequest) -> Any:
-        return respond(body, engine.encode_chat([m.model_dump() for m in body.messages]), chat=True)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
+        messages = [m.model_dump() for m in body.messages]
+        return await respond(body, lambda: engine.encode_chat(messages), True, request)
 
     return app
 
 
 class HttpServer:
-    """uvicorn on a background thread (port 0: a free one)."""
+    """uvicorn on a background thread (port 0: a free one); HTTPS with a certificate and its key."""
 
-    def __init__(self, app: FastAPI, host: str, port: int) -> None:
+    def __init__(
+        self, app: FastAPI, host: str, port: int, tls_cert: Path | None = None, tls_key: Path | None = None
+    ) -> None:
         self.server = uvicorn.Server(
-            uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off")
+            uvicorn.Config(
+                app,
+                host=host,
+                port=port,
+                log_level="warning",
+                lifespan="off",
+                ssl_certfile=tls_cert,
+                ssl_keyfile=tls_key,
+            )
         )
         self.thread = threading.Thread(target=self.server.run, name="openai-http", daemon=True)
         self.thread.start()

@@ -4,7 +4,9 @@ UNAVAILABLE (target down or restarting) is retried with jittered exponential bac
 deadline; NOT_FOUND (the target lost the session: a restart, or the TTL) is not retried as is.
 In both cases the session is reopened by re-prefilling every committed token, with the pending
 token carried over, and the round is replayed, so greedy output stays identical to an
-uninterrupted run. Other errors (bad input) are raised at once.
+uninterrupted run. RESOURCE_EXHAUSTED (a target or container full for now) is retried as is, with
+the same backoff, waiting at least as long as the target's retry hint. Other errors (bad input)
+are raised at once.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import grpc
 
 from draft_node.modal_client import TargetTransport
 from services.candidate_tree import CandidateTree
-from services.errors import rpc_status
+from services.errors import retry_hint_s, rpc_status
 from services.rpc.specwire.v1 import target_pb2
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ class RetryPolicy:
     deadline_s: float = 30.0  # give up after this long without a successful call
     base_s: float = 0.1
     cap_s: float = 2.0
+    sleep: Callable[[float], None] = time.sleep
 
     def delay(self, attempt: int) -> float:
         """Seconds to wait before retry `attempt` (1-based): base * 2^(attempt-1), capped, +-50% jitter."""
@@ -106,7 +109,8 @@ class ResumableSession:
                 return call()
             except grpc.RpcError as exc:
                 code, details = rpc_status(exc)
-                if code not in RESUMABLE or (code == grpc.StatusCode.NOT_FOUND and not resume):
+                full = code == grpc.StatusCode.RESOURCE_EXHAUSTED  # the same call may succeed later
+                if not full and (code not in RESUMABLE or (code == grpc.StatusCode.NOT_FOUND and not resume)):
                     raise
                 attempt += 1
                 if time.monotonic() >= deadline:
@@ -114,6 +118,7 @@ class ResumableSession:
                         "target still failing after %.0fs: %s %s", self.retry.deadline_s, code.name, details
                     )
                     raise
-                needs_reopen = resume
-                if code == grpc.StatusCode.UNAVAILABLE:
-                    time.sleep(min(self.retry.delay(attempt), max(0.0, deadline - time.monotonic())))
+                needs_reopen = needs_reopen if full else resume
+                if code != grpc.StatusCode.NOT_FOUND:
+                    wait = max(self.retry.delay(attempt), retry_hint_s(exc) or 0.0)
+                    self.retry.sleep(min(wait, max(0.0, deadline - time.monotonic())))

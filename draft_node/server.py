@@ -57,9 +57,13 @@ def start_draft(config: DraftConfig, loaded: LoadedModel | None = None) -> Runni
         raise
     http = (
         HttpServer(
-            create_app(engine, config.served_model_name, read_api_keys(config.api_keys_file)),
+            create_app(
+                engine, config.served_model_name, read_api_keys(config.api_keys_file), config.http_max_streams
+            ),
             config.host,
             config.http_port,
+            config.http_tls_cert,
+            config.http_tls_key,
         )
         if config.http_port >= 0
         else None

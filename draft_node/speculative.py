@@ -1,23 +1,24 @@
 """The speculative loop: draft a candidate trie, verify it on the target, commit accepted + next token.
 
 With pipelining, while round r is being verified the proposer already drafts round r + 1 on the
-assumption that r's leading candidate is accepted whole: it drafts one token more, whose
-alternatives are guesses of the target's bonus token. If the assumption holds and one guess is
-the target's bonus token, round r + 1 starts with its trie ready (a hit); otherwise it is
-discarded (a miss) and round r + 1 drafts normally. Outputs are the same either way.
+assumption that r's leading candidate is accepted whole and that the target's next token is the
+proposer's own guess: it guesses one token, then proposes after it exactly as round r + 1 would.
+If the assumption holds, round r + 1 starts with its trie ready (a hit); otherwise it is
+discarded (a miss) and round r + 1 drafts normally. Either way round r + 1 verifies the very trie a
+sequential loop would have sent, so outputs are the same, seeded `probabilistic` ones included.
 """
 
 from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Protocol
 
 from draft_node.proposers.base import Proposer
-from services.candidate_tree import ROOT, CandidateTree
+from services.candidate_tree import CandidateTree
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 
 
@@ -49,28 +50,35 @@ class RoundOutcome:
 
 @dataclass
 class DraftAhead:
-    context: list[int]  # the context it assumed: leading path accepted, then the guessed bonus token
-    tree: CandidateTree
+    context: list[int]  # the context it assumed: leading path accepted, then the guessed next token
+    tree: CandidateTree  # what proposer.propose(context, k, n) gave
+    k: int
+    n: int
 
 
-def draft_ahead(proposer: Proposer, context: list[int], tree: CandidateTree, k: int, n: int) -> CandidateTree:
-    """The next round's trie, drafted as if `tree`'s leading path were accepted; its root children
-    are guesses of the bonus token."""
-    return proposer.propose(context + [tree.token_ids[i] for i in tree.leading_path()], k + 1, n)
-
-
-def use_ahead(
-    ahead: CandidateTree, context: list[int], tree: CandidateTree, result: target_pb2.VerifyResponse
+def draft_ahead(
+    proposer: Proposer, context: list[int], tree: CandidateTree, round_k: Callable[[int], int], n: int
 ) -> DraftAhead | None:
-    """The drafted-ahead subtree under the target's actual bonus token, if the assumption held."""
-    path = tree.leading_path()
-    if not path or list(result.accepted_node_ids) != path:
+    """The next round's trie, drafted as if `tree`'s leading path were accepted and the target's
+    next token were the proposer's most likely one: exactly the trie a round after that context
+    proposes, with the K `round_k` gives for that context's length (a guess token drafted within a
+    longer chain would have counted in the chain's stop rule and given another trie). None when the
+    proposer has no guess."""
+    assumed = context + [tree.token_ids[i] for i in tree.leading_path()]
+    guess = proposer.propose(assumed, 1, 1)
+    if not len(guess):
         return None
-    for node, (parent, token) in enumerate(zip(ahead.parents, ahead.token_ids, strict=True)):
-        if parent == ROOT and token == result.next_token_id:
-            assumed = context + [tree.token_ids[i] for i in path] + [token]
-            return DraftAhead(assumed, ahead.subtree(node))
-    return None
+    assumed.append(guess.token_ids[0])
+    k = round_k(len(assumed))
+    return DraftAhead(assumed, proposer.propose(assumed, k, n), k, n)
+
+
+def use_ahead(ahead: DraftAhead, tree: CandidateTree, result: target_pb2.VerifyResponse) -> DraftAhead | None:
+    """The drafted-ahead trie if the assumption held: the leading path accepted, the guess right."""
+    path = tree.leading_path()
+    if not path or list(result.accepted_node_ids) != path or ahead.context[-1] != result.next_token_id:
+        return None
+    return ahead
 
 
 def committed_provenance(
@@ -107,34 +115,45 @@ def speculative_rounds(
     closing the generator.
     """
     context = list(context)
+    start_length = len(context)
     produced = 0
     ready: DraftAhead | None = None
     drafted_ahead = False
+
+    def round_k(length: int) -> int:
+        """K of a round after a context of `length` tokens: never past what the caller wants, nor
+        past the target's context limit."""
+        return max(0, min(k, max_new_tokens - (length - start_length) - 1, max_context - length))
+
     with ThreadPoolExecutor(1, thread_name_prefix="verify") as executor:
         for round_id in itertools.count():
             remaining = max_new_tokens - produced
             if remaining <= 0 or len(context) > max_context:
                 return
             k, n = controller.choose()
-            # never draft past what the caller wants, nor past the target's context limit
-            k_round = max(0, min(k, remaining - 1, max_context - len(context)))
+            k_round = round_k(len(context))
             start = time.perf_counter()
-            hit = ready is not None and ready.context == context and len(ready.tree) > 0
+            hit = (
+                ready is not None
+                and ready.context == context
+                and (ready.k, ready.n) == (k_round, n)  # what this round would propose
+                and len(ready.tree) > 0
+            )
             status = ("hit" if hit else "miss") if drafted_ahead else ""
-            tree = ready.tree.truncated(k_round) if hit else proposer.propose(context, k_round, n)
+            tree = ready.tree if hit else proposer.propose(context, k_round, n)
             drafted_at = time.perf_counter()
             ahead = None
-            if pipeline and len(tree):
+            drafted_ahead = pipeline and len(tree) > 0
+            if drafted_ahead:
                 in_flight = executor.submit(target.verify, tree)
-                ahead = draft_ahead(proposer, context, tree, k, n)
+                ahead = draft_ahead(proposer, context, tree, round_k, n)
                 result = in_flight.result()
             else:
                 result = target.verify(tree)
             committed = [*result.accepted_token_ids, result.next_token_id][:remaining]
             round_seconds = time.perf_counter() - start
             controller.observe((k, n), len(committed), round_seconds)
-            ready = use_ahead(ahead, context, tree, result) if ahead is not None else None
-            drafted_ahead = ahead is not None
+            ready = use_ahead(ahead, tree, result) if ahead is not None else None
             context += committed
             produced += len(committed)
             sources, logprobs = committed_provenance(tree, result)

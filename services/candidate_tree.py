@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from services.errors import InvalidArgument
+from services.limits import MAX_Q_SUPPORT
 from services.rpc.specwire.v1 import target_pb2
 
 ROOT = -1  # parent index of the nodes that follow the pending token
@@ -97,11 +98,10 @@ class CandidateTree:
 
     def validate(self, vocab_size: int, max_nodes: int) -> None:
         """Raise InvalidArgument for any malformed trie; afterwards the trie is safe to index."""
+        check_tree_sizes(self, max_nodes)
         n = len(self.token_ids)
         if len(self.parents) != n:
             raise InvalidArgument(f"tree has {len(self.parents)} parents but {n} tokens")
-        if n > max_nodes:
-            raise InvalidArgument(f"tree has {n} nodes; the limit is {max_nodes}")
         for i, (parent, token) in enumerate(zip(self.parents, self.token_ids, strict=True)):
             if not ROOT <= parent < i:
                 raise InvalidArgument(f"node {i}: parent {parent} must be -1 or an earlier node (0..{i - 1})")
@@ -140,3 +140,17 @@ class CandidateTree:
             token_ids=list(message.token_ids),
             draft_probs=[SparseProbs(list(q.token_ids), list(q.probs)) for q in message.draft_probs],
         )
+
+
+def check_tree_sizes(tree: CandidateTree | target_pb2.CandidateTree, max_nodes: int) -> None:
+    """Refuse a trie (a CandidateTree or its message: they share field names) with more nodes than
+    `max_nodes` or a q with more entries than MAX_Q_SUPPORT. Only lengths are read, so a huge
+    message is refused before any loop over it."""
+    nodes = max(len(tree.token_ids), len(tree.parents), len(tree.draft_probs))
+    if nodes > max_nodes:
+        raise InvalidArgument(f"tree has {nodes} nodes; the limit is {max_nodes}")
+    for i, q in enumerate(tree.draft_probs):
+        if max(len(q.token_ids), len(q.probs)) > MAX_Q_SUPPORT:
+            raise InvalidArgument(
+                f"node {i}: draft q has {max(len(q.token_ids), len(q.probs))} entries; the limit is {MAX_Q_SUPPORT}"
+            )

@@ -34,7 +34,17 @@ class FailedPrecondition(SpecwireError):
 
 
 class ResourceExhausted(SpecwireError):
+    """Out of sessions or memory for now; `retry_after_s` hints when room is likely (it travels as
+    gRPC's `grpc-retry-pushback-ms` trailing metadata, and through Modal with the exception)."""
+
     code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+    def __init__(self, message: str, retry_after_s: float | None = None) -> None:
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple:  # keep the hint when pickled (Modal returns exceptions so)
+        return type(self), (str(self), self.retry_after_s)
 
 
 class Unavailable(SpecwireError):
@@ -49,9 +59,10 @@ class RemoteCallError(grpc.RpcError):
     """A failed call over a non-gRPC transport (Modal), shaped like a gRPC error so callers handle
     both alike."""
 
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, retry_after_s: float | None = None) -> None:
         super().__init__(f"{code.name}: {details}")
         self._code, self._details = code, details
+        self.retry_after_s = retry_after_s
 
     def code(self) -> grpc.StatusCode:
         return self._code
@@ -70,14 +81,34 @@ def rpc_status(exc: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
     return code, details
 
 
+INTERNAL_DETAILS = "internal error (details are in the node's log)"
+RETRY_PUSHBACK_KEY = "grpc-retry-pushback-ms"  # gRPC's own name for a server's retry hint
+
+
+def retry_hint_s(exc: grpc.RpcError) -> float | None:
+    """Seconds the server asked the caller to wait before retrying, if it said."""
+    if isinstance(exc, RemoteCallError):
+        return exc.retry_after_s
+    trailing = exc.trailing_metadata() if callable(getattr(exc, "trailing_metadata", None)) else None
+    for key, value in trailing or ():
+        if key == RETRY_PUSHBACK_KEY:
+            try:
+                return max(0.0, int(value) / 1000)
+            except ValueError:
+                return None
+    return None
+
+
 def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
-    if isinstance(exc, SpecwireError):
+    if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
+        context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(round(exc.retry_after_s * 1000))),))
+    if isinstance(exc, SpecwireError) and exc.code != grpc.StatusCode.INTERNAL:
         context.abort(exc.code, str(exc))
     if isinstance(exc, grpc.RpcError):  # an upstream call failed: keep its code
         code, details = rpc_status(exc)
         context.abort(code, f"upstream: {details}")
-    log.exception("internal error")
-    context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
+    log.error("internal error", exc_info=exc)  # the detail stays here: callers get a generic message
+    context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
 
 
 def grpc_errors(method: F) -> F:

@@ -12,7 +12,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, PretrainedConfig
 from transformers.cache_utils import DynamicLayer
 
 GROWTH_POSITIONS = 256  # spare positions a buffer gets whenever it (re)allocates
@@ -106,3 +106,10 @@ def kv_nbytes(cache: DynamicCache) -> int:
     """Bytes of memory held by a cache's keys and values (whole buffers, spare capacity included)."""
     storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in kv_tensors(cache)}
     return sum(storages.values())
+
+
+def kv_bytes_per_token(config: PretrainedConfig, dtype: torch.dtype) -> int:
+    """Bytes of keys and values one position takes in every layer of a decoder with this config."""
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    return 2 * config.num_hidden_layers * heads * head_dim * dtype.itemsize

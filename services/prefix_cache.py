@@ -114,8 +114,26 @@ class PrefixCache:
                 self._bytes -= self._entries.pop(key)[1]
             self._entries[key] = (layers, size)
             self._bytes += size
-            while self._bytes > self.budget_bytes:
-                self._bytes -= self._entries.popitem(last=False)[1][1]
+            self._drop_oldest(self._bytes - self.budget_bytes)
+
+    def shrink(self, nbytes: int) -> int:
+        """Drop the least recently used entries until at least `nbytes` are freed (or none is left);
+        returns the bytes freed. The target's memory budget calls this before evicting a session."""
+        with self._lock:
+            return self._drop_oldest(nbytes)
+
+    def _drop_oldest(self, nbytes: int) -> int:
+        freed = 0
+        while freed < nbytes and self._entries:
+            freed += self._entries.popitem(last=False)[1][1]
+        self._bytes -= freed
+        return freed
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cached entries hold."""
+        with self._lock:
+            return self._bytes
 
     def __len__(self) -> int:
         with self._lock:

@@ -9,6 +9,7 @@ from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.config import NodeConfig
+from services.limits import MEMORY_BUDGET_FRACTION
 
 
 class TargetConfig(NodeConfig):
@@ -42,7 +43,12 @@ class TargetConfig(NodeConfig):
     )
     max_sessions: int = Field(64, ge=1, description="concurrent sessions (KV caches) held")
     kv_cache_budget_mb: float = Field(
-        0, ge=0, description="evict least recently used sessions when their KV caches exceed this (0: off)"
+        -1,
+        ge=-1,
+        description="memory for session KV caches and the prefix cache together: past it the prefix cache, then "
+        "idle sessions (least recently used first) give way, and a new session that still does not fit is "
+        f"refused with RESOURCE_EXHAUSTED before its prefill (-1: {MEMORY_BUDGET_FRACTION:.0%} of the memory "
+        "available at start-up after the model loaded: MemAvailable, or the GPU's free memory; 0: off)",
     )
     session_ttl_s: float = Field(300.0, gt=0, description="idle sessions are closed after this long")
     max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt a session may prefill")

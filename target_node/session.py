@@ -1,7 +1,10 @@
 """Per-generation state on the target (committed tokens, pending token, round counter) and its store.
 
 The store bounds the number of sessions and closes idle ones after a TTL, so a draft that
-vanishes never pins memory for long.
+vanishes never pins memory for long. It also keeps one memory budget over the sessions' KV caches
+and the backend's shared caches (the prefix cache): a new session is admitted before its prefill
+only if its bytes fit, after the shared caches and then idle sessions (least recently used first)
+gave way; otherwise it is refused at once, so a full target never pays for a prefill it refuses.
 """
 
 from __future__ import annotations
@@ -10,7 +13,8 @@ import logging
 import secrets
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,6 +39,7 @@ class Session:
     cached_prefix: int = 0  # prompt tokens the prefill took from the prefix cache instead of computing
     next_round: int = 0
     owner: str = ANONYMOUS  # caller identity that opened it (services.security.caller_identity)
+    lineage: str = ""  # rebuilt on a serverless replica: the id of the generation's first session
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)  # held for a round, and to close it
     closed: bool = False  # removed from the store (closed, expired, evicted): its rounds read NOT_FOUND
@@ -53,14 +58,20 @@ class SessionStore:
         on_remove: Callable[[Session, str], None] = lambda session, reason: None,
         budget_bytes: int = 0,
         size_of: Callable[[Session], int] = lambda session: 0,
+        shared_bytes: Callable[[], int] = lambda: 0,
+        shrink_shared: Callable[[int], int] = lambda nbytes: 0,
     ) -> None:
         self.max_sessions = max_sessions
         self.ttl_s = ttl_s
-        self.budget_bytes = budget_bytes  # KV memory the sessions may hold together (0: no limit)
+        self.budget_bytes = budget_bytes  # memory the sessions and shared caches may hold together (0: no limit)
         self.size_of = size_of
+        self.shared_bytes = shared_bytes  # what the backend's shared caches hold now
+        self.shrink_shared = shrink_shared  # free at least that many bytes of them; returns what it freed
         self._clock = clock
         self._on_remove = on_remove
         self._sessions: dict[str, Session] = {}
+        self._admitted = 0  # sessions admitted whose prefill is still running
+        self._reserved = 0  # bytes those prefills will hold
         self._lock = threading.Lock()
         self._stop = threading.Event()
         self._reaper: threading.Thread | None = None
@@ -69,11 +80,34 @@ class SessionStore:
     def new_id() -> str:
         return secrets.token_urlsafe(18)
 
-    def add(self, session: Session) -> None:
+    @contextmanager
+    def admit(self, nbytes: int) -> Iterator[None]:
+        """Hold room for one more session that will take `nbytes` (its prefill runs inside), or raise
+        ResourceExhausted at once: all sessions are taken, or its bytes do not fit the budget even
+        after the shared caches and every idle session gave way."""
         self.expire()
         with self._lock:
+            if len(self._sessions) + self._admitted >= self.max_sessions:
+                raise ResourceExhausted(
+                    f"the target holds {self.max_sessions} sessions already; retry later", self._retry_after_s()
+                )
+            evicted = self._make_room(nbytes, keep=None, refuse=True)
+            self._admitted += 1
+            self._reserved += nbytes
+        self._close_evicted(evicted)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitted -= 1
+                self._reserved -= nbytes
+
+    def add(self, session: Session) -> None:
+        with self._lock:
             if len(self._sessions) >= self.max_sessions:
-                raise ResourceExhausted(f"the target holds {self.max_sessions} sessions already; retry later")
+                raise ResourceExhausted(
+                    f"the target holds {self.max_sessions} sessions already; retry later", self._retry_after_s()
+                )
             session.last_used = self._clock()
             self._sessions[session.session_id] = session
 
@@ -95,6 +129,19 @@ class SessionStore:
         self._close(session, "closed")
         return True
 
+    def remove_lineage(self, lineage: str, owner: str = ANONYMOUS) -> int:
+        """Close `owner`'s sessions of one generation: the one first opened with id `lineage` and
+        those rebuilt from it on this replica. Returns how many were closed."""
+        with self._lock:
+            found = [
+                s for s in self._sessions.values() if s.owner == owner and lineage in (s.session_id, s.lineage)
+            ]
+            for session in found:
+                del self._sessions[session.session_id]
+        for session in found:
+            self._close(session, "closed")
+        return len(found)
+
     def _close(self, session: Session, reason: str) -> None:
         """Release a session taken out of the store, after any round in flight on it (its lock)."""
         with session.lock:
@@ -103,26 +150,52 @@ class SessionStore:
 
     def evict_over_budget(self, keep: Session | None = None) -> list[str]:
         """Evict least recently used sessions (never `keep`, never one mid-round) until their KV
-        memory fits the budget; their clients get NOT_FOUND and re-prefill elsewhere or later."""
+        memory and the shared caches fit the budget, the shared caches first; evicted clients get
+        NOT_FOUND and re-prefill elsewhere or later."""
+        with self._lock:
+            evicted = self._make_room(0, keep, refuse=False)
+        self._close_evicted(evicted)
+        return [session.session_id for session in evicted]
+
+    def _make_room(self, nbytes: int, keep: Session | None, refuse: bool) -> list[Session]:
+        """Under the lock: take idle sessions out of the store (least recently used first, after
+        shrinking the shared caches) until everything plus `nbytes` fits the budget. With `refuse`,
+        raise ResourceExhausted without touching anything when that cannot be done."""
         if not self.budget_bytes:
             return []
+        by_age = sorted(self._sessions.values(), key=lambda session: session.last_used)
+        sizes = {session.session_id: self.size_of(session) for session in by_age}
+        shared = self.shared_bytes()
+        excess = sum(sizes.values()) + shared + self._reserved + nbytes - self.budget_bytes
+        if excess <= 0:
+            return []
+        idle = [s for s in by_age if s is not keep and not s.lock.locked()]
+        if refuse and excess > shared + sum(sizes[s.session_id] for s in idle):
+            raise ResourceExhausted(  # no hint: the sessions in use free up when their rounds end
+                f"the target's memory budget ({self.budget_bytes} bytes) is taken by sessions in use; retry later"
+            )
+        excess -= self.shrink_shared(excess)
         evicted = []
-        with self._lock:
-            by_age = sorted(self._sessions.values(), key=lambda session: session.last_used)
-            sizes = [self.size_of(session) for session in by_age]
-            total = sum(sizes)
-            for session, size in zip(by_age, sizes, strict=True):
-                if total <= self.budget_bytes:
-                    break
-                if session is keep or session.lock.locked():
-                    continue
-                total -= size
-                del self._sessions[session.session_id]
-                evicted.append(session)
+        for session in idle:
+            if excess <= 0:
+                break
+            excess -= sizes[session.session_id]
+            del self._sessions[session.session_id]
+            evicted.append(session)
+        return evicted
+
+    def _close_evicted(self, evicted: list[Session]) -> None:
         for session in evicted:
             self._close(session, "evicted")
-            log.info("session %s evicted: KV memory over the %d-byte budget", session.session_id, self.budget_bytes)
-        return [session.session_id for session in evicted]
+            log.info("session %s evicted: memory over the %d-byte budget", session.session_id, self.budget_bytes)
+
+    def _retry_after_s(self) -> float:
+        """When the least recently used session would expire: a hint for a caller refused because
+        every session is taken."""
+        if not self._sessions:
+            return 1.0
+        oldest = min(session.last_used for session in self._sessions.values())
+        return min(self.ttl_s, max(1.0, oldest + self.ttl_s - self._clock()))
 
     def snapshot(self) -> list[Session]:
         with self._lock:

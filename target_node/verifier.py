@@ -6,9 +6,11 @@ import logging
 import secrets
 import time
 
-from services.candidate_tree import CandidateTree
+from services.candidate_tree import CandidateTree, check_tree_sizes
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
+from services.limits import MEMORY_BUDGET_FRACTION, mb_to_bytes
 from services.rpc.specwire.v1 import target_pb2
+from services.sampling import effective_sampling
 from services.token_noise import TokenNoise
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
@@ -36,6 +38,13 @@ def candidate_results(tree: CandidateTree, result: RoundResult) -> list[target_p
     return sorted(results, key=lambda r: (-r.accepted_length, -r.target_logprob, r.leaf_node_id))
 
 
+def memory_budget_bytes(budget_mb: float, backend: VerifyBackend) -> int:
+    """The configured budget, or (negative: the default) a share of the memory free now."""
+    if budget_mb >= 0:
+        return mb_to_bytes(budget_mb)
+    return int(MEMORY_BUDGET_FRACTION * backend.free_memory_bytes())
+
+
 class Verifier:
     def __init__(
         self,
@@ -58,8 +67,10 @@ class Verifier:
             config.max_sessions,
             config.session_ttl_s,
             on_remove=self._on_session_removed,
-            budget_bytes=int(config.kv_cache_budget_mb * (1 << 20)),
+            budget_bytes=memory_budget_bytes(config.kv_cache_budget_mb, backend),
             size_of=backend.session_bytes,
+            shared_bytes=backend.shared_cache_bytes,
+            shrink_shared=backend.shrink_shared_caches,
         )
         metrics.backend.info(backend.describe())
         metrics.track_sessions(
@@ -89,7 +100,7 @@ class Verifier:
         )
 
     def open_session(
-        self, request: target_pb2.OpenSessionRequest, owner: str = ANONYMOUS
+        self, request: target_pb2.OpenSessionRequest, owner: str = ANONYMOUS, lineage: str = ""
     ) -> target_pb2.OpenSessionResponse:
         if not request.tokenizer_fingerprint:
             raise InvalidArgument("tokenizer_fingerprint is required (see TargetService.Info)")
@@ -102,7 +113,10 @@ class Verifier:
         prompt = list(request.prompt_token_ids)
         if not prompt:
             raise InvalidArgument("prompt_token_ids is empty")
-        if len(prompt) > self.config.max_prompt_tokens:
+        # a resume (or a serverless rebuild) re-sends the whole committed context: only the context
+        # window bounds it, not the limit on what a client may send as a prompt
+        resuming = request.HasField("resume_pending_token_id")
+        if len(prompt) > self.config.max_prompt_tokens and not resuming:
             raise InvalidArgument(
                 f"prompt has {len(prompt)} tokens; the limit is {self.config.max_prompt_tokens}"
             )
@@ -119,23 +133,22 @@ class Verifier:
                 f"strategy {request.strategy!r} is not available on this backend; use one of {self.backend.strategies}"
             )
         strategy = make_strategy(
-            request.strategy, request.sampling, request.strategy_params, self.backend.kernels
+            request.strategy, effective_sampling(request.sampling), request.strategy_params, self.backend.kernels
         )
         seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63)
-        session = Session(
-            SessionStore.new_id(), prompt, strategy, TokenNoise(seed), owner=owner
-        )
-        if request.HasField("resume_pending_token_id") and request.resume_pending_token_id >= self.vocab_size:
+        session = Session(SessionStore.new_id(), prompt, strategy, TokenNoise(seed), owner=owner, lineage=lineage)
+        if resuming and request.resume_pending_token_id >= self.vocab_size:
             raise InvalidArgument(
                 f"resume_pending_token_id {request.resume_pending_token_id} outside the vocabulary"
             )
-        with self.metrics.prefill_seconds.time():
-            session.pending_token = self.backend.prefill(session)
-        self.metrics.prefill_tokens.labels("cached").inc(session.cached_prefix)
-        self.metrics.prefill_tokens.labels("computed").inc(session.context_length - session.cached_prefix)
-        if request.HasField("resume_pending_token_id"):
-            session.pending_token = request.resume_pending_token_id
-        self.sessions.add(session)
+        with self.sessions.admit(self.backend.prefill_bytes(len(prompt))):  # refused before any prefill
+            with self.metrics.prefill_seconds.time():
+                session.pending_token = self.backend.prefill(session)
+            self.metrics.prefill_tokens.labels("cached").inc(session.cached_prefix)
+            self.metrics.prefill_tokens.labels("computed").inc(session.context_length - session.cached_prefix)
+            if resuming:
+                session.pending_token = request.resume_pending_token_id
+            self.sessions.add(session)
         self.sessions.evict_over_budget(keep=session)
         self.metrics.sessions_opened.inc()
         return target_pb2.OpenSessionResponse(
@@ -153,6 +166,7 @@ class Verifier:
                 raise FailedPrecondition(
                     f"session {request.session_id}: expected round {session.next_round}, got {request.round_id}"
                 )
+            check_tree_sizes(request.tree, self.config.max_tree_nodes)  # before any loop over its entries
             tree = CandidateTree.from_proto(request.tree)
             tree.validate(self.vocab_size, self.config.max_tree_nodes)
             needed = session.context_length + 1 + max(tree.depths(), default=0)
@@ -190,23 +204,36 @@ class Verifier:
             )
 
     def verify_or_rebuild(
-        self, request: target_pb2.VerifyRequest, resume: target_pb2.OpenSessionRequest, owner: str = ANONYMOUS
+        self,
+        request: target_pb2.VerifyRequest,
+        resume: target_pb2.OpenSessionRequest,
+        owner: str = ANONYMOUS,
+        lineage: str = "",
     ) -> target_pb2.VerifyResponse:
         """Verify on the session, or, where this replica does not hold it (a serverless platform
         routed the call elsewhere), rebuild it from `resume` (the committed tokens and pending
-        token) first. The response's session_id is then the new session's."""
+        token) first. The response's session_id is then the new session's. `lineage` (the id of
+        the generation's first session) names the generation: a rebuild first closes this
+        replica's older session of it, so calls that alternate between replicas leave at most one
+        session of a generation on each, not one per re-route."""
         try:
             return self.verify(request, owner)
         except NotFound:
             if not resume.prompt_token_ids:
                 raise
-        opened = self.open_session(resume, owner)
+        lineage = lineage or request.session_id
+        self.sessions.remove_lineage(lineage, owner)
+        opened = self.open_session(resume, owner, lineage)
         self.metrics.session_rebuilds.inc()
         rebuilt = target_pb2.VerifyRequest(session_id=opened.session_id, round_id=0, tree=request.tree)
         return self.verify(rebuilt, owner)
 
-    def close_session(self, session_id: str, owner: str = ANONYMOUS) -> bool:
-        return self.sessions.remove(session_id, owner)
+    def close_session(self, session_id: str, owner: str = ANONYMOUS, lineage: str = "") -> bool:
+        """Close the session; with `lineage`, also this replica's other sessions of that generation."""
+        closed = self.sessions.remove(session_id, owner)
+        if lineage:
+            closed = self.sessions.remove_lineage(lineage, owner) > 0 or closed
+        return closed
 
     def stop(self) -> None:
         self.backend.stop()

@@ -40,7 +40,7 @@ PROMPT = "Write a Python function that checks whether a number is prime."
 
 def compose(*args: str, timeout: float = 1800, check: bool = True) -> subprocess.CompletedProcess:
     """The Compose v2 binary on the shipped file plus the local override; Grafana's profile left out."""
-    env = {**os.environ, "COMPOSE_PROFILES": "none", "DOCKER_BUILDKIT": "0"}
+    env = {**os.environ, "COMPOSE_PROFILES": "none", "DOCKER_BUILDKIT": "0", "GF_SECURITY_ADMIN_PASSWORD": "unused"}
     command = [compose_binary(), "-p", PROJECT, "-f", str(ROOT / "docker-compose.yml"),
                "-f", str(LOCAL / "docker-compose.local.yml"), *args]  # fmt: skip
     return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout, check=check)

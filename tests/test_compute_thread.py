@@ -61,7 +61,7 @@ def test_draft_forwards_run_on_the_compute_thread(tiny) -> None:
             worker.start()
         for worker in workers:
             worker.join()
-        assert len(threads) == 8
+        assert 2 * 4 < len(threads) <= 2 * 5  # 4 steps each, a prompt prefill where the prefix cache lacked it
         assert len(set(threads)) == 1 and threading.get_ident() not in threads
     finally:
         drafter.stop()

@@ -5,6 +5,7 @@ Prometheus scraping both nodes on loopback during a generation."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -38,23 +39,45 @@ def compose_binary() -> str:
     return str(Path(compose.__file__).parent / "docker-compose")
 
 
-def test_compose_file_is_valid():
-    result = subprocess.run(
+def compose_config(**env: str) -> subprocess.CompletedProcess:
+    """`docker compose config` of the shipped file with these variables (and no others of ours)."""
+    base = {k: v for k, v in os.environ.items() if not k.startswith(("SPECWIRE_", "GF_"))}
+    return subprocess.run(
         [compose_binary(), "-f", str(ROOT / "docker-compose.yml"), "config", "--format", "json"],
         capture_output=True,
         text=True,
         cwd=ROOT,
+        env={**base, **env},
     )
+
+
+def test_compose_file_is_valid():
+    result = compose_config(GF_SECURITY_ADMIN_PASSWORD="a-password")
     assert result.returncode == 0, result.stderr
     config = json.loads(result.stdout)
     assert set(config["services"]) == {"target", "draft", "prometheus", "grafana"}
     for node in ("target", "draft"):
         assert "specwire" in config["services"][node]["healthcheck"]["test"]
         assert any(v["target"] == "/models" for v in config["services"][node]["volumes"])
-    assert config["services"]["grafana"]["environment"]["GF_AUTH_ANONYMOUS_ENABLED"] == "true"
     assert config["services"]["grafana"]["profiles"] == ["grafana"]  # on by default through .env
     published = {p["published"] for p in config["services"]["draft"]["ports"]}
     assert "8000" in published, "the OpenAI API and playground must reach the host"
+
+
+def test_compose_exposes_nothing_beyond_loopback_by_default():
+    """Every published port binds 127.0.0.1 unless SPECWIRE_BIND says otherwise; Grafana has no
+    anonymous viewers and takes its admin password from the environment (required)."""
+    config = json.loads(compose_config(GF_SECURITY_ADMIN_PASSWORD="a-password").stdout)
+    ports = [(name, p) for name, service in config["services"].items() for p in service.get("ports", [])]
+    assert len(ports) == 7
+    assert all(p.get("host_ip") == "127.0.0.1" for _, p in ports), ports
+    grafana = config["services"]["grafana"]["environment"]
+    assert grafana.get("GF_AUTH_ANONYMOUS_ENABLED", "false") == "false"
+    assert grafana["GF_SECURITY_ADMIN_PASSWORD"] == "a-password"
+    opened = json.loads(compose_config(GF_SECURITY_ADMIN_PASSWORD="x", SPECWIRE_BIND="0.0.0.0").stdout)
+    assert {p["host_ip"] for s in opened["services"].values() for p in s.get("ports", [])} == {"0.0.0.0"}
+    refused = compose_config()
+    assert refused.returncode != 0 and "GF_SECURITY_ADMIN_PASSWORD" in refused.stderr
 
 
 def test_compose_validation_rejects_a_broken_file(tmp_path):

@@ -302,3 +302,98 @@ def test_cuda_sources_compile_for_sm90(source, tmp_path):
         env={**os.environ},
     )
     assert result.returncode == 0, result.stderr
+
+
+NAN, INF = float("nan"), float("inf")
+TIE_AND_NAN_ROWS = [  # (logits row, the one rule's token)
+    ([1.0, 5.0, 5.0, 2.0], 1),  # a tie: the lowest index
+    ([NAN, 1.0, 3.0, 3.0], 2),  # NaN counts as -inf
+    ([3.0, NAN, 3.0, 0.0], 0),
+    ([NAN, NAN, NAN, NAN], 0),  # no number at all: the lowest index
+    ([-INF, -INF, -INF, -INF], 0),
+    ([-INF, NAN, -INF, 2.0], 3),
+]
+
+
+def rule_rows(vocab: int = 4) -> tuple[torch.Tensor, list[int]]:
+    rows = torch.full((len(TIE_AND_NAN_ROWS) + 1, vocab), -INF)
+    for i, (row, _) in enumerate(TIE_AND_NAN_ROWS):
+        rows[i, : len(row)] = torch.tensor(row)
+    expected = [token for _, token in TIE_AND_NAN_ROWS]
+    if vocab > 2100:  # a tie across Triton/CUDA blocks, NaN in an earlier block
+        rows[-1, [100, 2100]], rows[-1, 50] = 9.0, NAN
+        expected.append(100)
+    else:
+        expected.append(0)
+    return rows, expected
+
+
+@pytest.mark.parametrize("vocab", [4, 2500])
+def test_one_greedy_rule_for_ties_and_nan_on_every_cpu_path(vocab):
+    """Top-1 with ties and NaN logits: the lowest index wins a tie, NaN counts as -inf, a row with no
+    number gives index 0; the same on every path that runs here (the rule's function, the torch and
+    Triton verify kernels, both nodes' greedy choice, the greedy distribution)."""
+    from draft_node.proposers.base import DraftNoise, draft_token
+    from services.sampling import target_probs, top1
+    from services.token_noise import TokenNoise
+    from target_node.strategies import make_strategy
+
+    rows, expected = rule_rows(vocab)
+    greedy = target_pb2.SamplingParams()
+    strategy = make_strategy("deterministic", greedy)
+    tree = CandidateTree([-1] * (len(expected) - 1), [0] * (len(expected) - 1))
+    paths = {
+        "rule": top1(rows).tolist(),
+        "torch kernels": REFERENCE.tree_greedy_verify(rows[None], pack_trees([tree])).target_argmax[0].tolist(),
+        "triton kernels": load_kernels("triton", "cpu").tree_greedy_verify(rows[None], pack_trees([tree])).target_argmax[0].tolist(),
+        "target token": [strategy.sample_token(row, TokenNoise(0), 0) for row in rows],
+        "draft token": [draft_token(row, greedy, DraftNoise.for_strategy(0, ""), 0)[0] for row in rows],
+        "greedy distribution": target_probs(rows, greedy).argmax(-1).tolist(),
+    }
+    for name, got in paths.items():
+        assert got == expected, name
+
+
+def test_sampled_distributions_give_nan_logits_no_mass():
+    """The NaN rule for sampling: NaN logits have probability 0, a row without a number is all on index 0."""
+    from services.sampling import target_probs
+
+    rows, _ = rule_rows()
+    probs = target_probs(rows, target_pb2.SamplingParams(temperature=0.7, top_p=0.9, top_k=3))
+    assert torch.isfinite(probs).all() and torch.allclose(probs.sum(-1), torch.ones(len(rows)))
+    for r in (1, 2, 5):  # rows with numbers: their NaN entries get nothing
+        assert probs[r][rows[r].isnan()].sum() == 0
+    assert probs[3].tolist() == [1.0, 0.0, 0.0, 0.0] and probs[4].tolist() == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_vllm_top1_breaks_ties_by_the_lowest_token_id():
+    """vLLM ranks tied tokens alike (rank = how many score at least as high); the dict's order must
+    not decide."""
+    from types import SimpleNamespace
+
+    from target_node.backends.vllm import top1
+
+    entry = {7: SimpleNamespace(rank=2, logprob=-0.1), 3: SimpleNamespace(rank=2, logprob=-0.1), 9: SimpleNamespace(rank=5, logprob=-3.0)}
+    assert top1(entry) == 3
+    assert top1({5: SimpleNamespace(rank=1, logprob=-0.1), 2: SimpleNamespace(rank=4, logprob=-2.0)}) == 5
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("vocab", [4, 2500])
+def test_cuda_greedy_kernel_follows_the_rule(vocab):
+    rows, expected = rule_rows(vocab)
+    tree = CandidateTree([-1] * (len(expected) - 1), [0] * (len(expected) - 1))
+    got = load_kernels("cuda", "cuda").tree_greedy_verify(rows[None].cuda(), pack_trees([tree], "cuda"))
+    assert got.target_argmax[0].tolist() == expected
+
+
+def test_lossy_rules_never_accept_a_nan_logit():
+    """The lossy strategies judge on the same rule: a token whose logit is NaN is nobody's top-k and
+    has no probability."""
+    from target_node.strategies import make_strategy
+
+    rows = torch.tensor([[NAN, 5.0, 1.0, 0.0]] * 2)
+    tokens = torch.tensor([0, 1])
+    for name in ("topk", "threshold", "typical"):
+        strategy = make_strategy(name, target_pb2.SamplingParams(temperature=1.0), target_pb2.StrategyParams(top_k=1))
+        assert strategy.accept(rows, tokens).tolist() == [False, True], name

@@ -10,12 +10,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from services.candidate_tree import CandidateTree
-from services.errors import NotFound, SpecwireError
+from services.candidate_tree import CandidateTree, SparseProbs
+from services.errors import InvalidArgument, NotFound, ResourceExhausted, SpecwireError
+from services.limits import MAX_Q_SUPPORT
 from services.rpc.specwire.v1 import target_pb2
 from target_node.backends import build_verifier
 from target_node.config import TargetConfig
-from tests.helpers import collect, target_only_greedy
+from tests.helpers import collect, forget_sessions_at, target_only_greedy
 from tests.test_verifier import open_session, verify
 
 PROMPT = "def add(a, b):"
@@ -25,11 +26,18 @@ def session_bytes(verifier, session_id):
     return verifier.backend.session_bytes(verifier.sessions.get(session_id))
 
 
+def one_session_bytes(target_model, prompt_ids) -> int:
+    """Memory one session of this prompt holds (measured on a target without a budget)."""
+    probe = build_verifier(TargetConfig(model="tiny", prefix_cache_mb=0, kv_cache_budget_mb=0), target_model)
+    try:
+        return session_bytes(probe, open_session(probe, prompt_ids).session_id)
+    finally:
+        probe.stop()
+
+
 def test_lru_eviction_keeps_kv_memory_within_the_budget(target_model):
-    probe = build_verifier(TargetConfig(model="tiny"), target_model)
     prompt = target_model.tokenizer.encode("The quick brown fox jumps over the lazy dog")
-    one = session_bytes(probe, open_session(probe, prompt).session_id)
-    probe.stop()
+    one = one_session_bytes(target_model, prompt)
     budget_mb = 2.5 * one / (1 << 20)  # room for two sessions of this size, not three
     verifier = build_verifier(TargetConfig(model="tiny", kv_cache_budget_mb=budget_mb), target_model)
     first, second = open_session(verifier, prompt), open_session(verifier, prompt)
@@ -46,8 +54,16 @@ def test_lru_eviction_keeps_kv_memory_within_the_budget(target_model):
 
 def test_an_evicted_generation_resumes_with_identical_output(tiny, target_model, pair_factory):
     """Two generations under a budget for about one: they evict each other and resume by re-prefill."""
-    verifier = build_verifier(TargetConfig(model="tiny", kv_cache_budget_mb=0.008), target_model)
+    budget = 1.5 * one_session_bytes(target_model, target_model.tokenizer.encode(PROMPT))
+    verifier = build_verifier(TargetConfig(model="tiny", kv_cache_budget_mb=budget / (1 << 20)), target_model)
     pair = pair_factory(tiny.draft_noisy, target_verifier=verifier)
+    original = verifier.verify
+
+    def between_rounds(request, *owner):  # both generations stay open, idle most of the time
+        time.sleep(0.02)
+        return original(request, *owner)
+
+    verifier.verify = between_rounds
     import concurrent.futures
 
     prompts = [PROMPT, "import numpy as np"]
@@ -143,3 +159,96 @@ def test_no_verify_request_crashes_or_corrupts_a_session(fuzz_verifier, target_m
         )
         assert reply.context_length == session.context_length
         assert fuzz_verifier.close_session(opened.session_id)
+
+
+def test_a_resume_is_bounded_by_the_context_window_only(tiny, target_model, pair_factory):
+    """`max_prompt_tokens` bounds a client's prompt; a resume re-sends the whole committed context
+    and is bounded by the context window only (here over HTTP, as a client sees it)."""
+    import httpx
+
+    verifier = build_verifier(TargetConfig(model="tiny", max_prompt_tokens=16), target_model)
+    pair = pair_factory(tiny.draft_noisy, target_verifier=verifier)
+    prompt = "Natalia sold clips to 48 of her friends"
+    prompt_ids = target_model.tokenizer.encode(prompt)
+    assert len(prompt_ids) <= 16
+    forget_sessions_at(verifier, {8})  # K=1: by then at least 7 rounds committed, so the context is past 16
+    response = httpx.post(
+        f"http://127.0.0.1:{pair.draft.http_port}/v1/completions",
+        json={"prompt": prompt, "max_tokens": 30, "temperature": 0, "num_speculative_tokens": 1},
+        timeout=120,
+    )
+    assert response.status_code == 200, response.text
+    expected = target_only_greedy(target_model, prompt_ids, 30)
+    assert response.json()["choices"][0]["text"] == target_model.tokenizer.decode(expected, skip_special_tokens=True)
+    assert pair.draft.node.metrics.target_resumes._value.get() == 1
+
+
+def test_the_memory_budget_is_on_by_default(target_model):
+    verifier = build_verifier(TargetConfig(model="tiny"), target_model)
+    try:
+        budget = verifier.sessions.budget_bytes
+        assert budget > 0
+        from services.memory import available_memory_bytes
+
+        assert budget <= available_memory_bytes()
+    finally:
+        verifier.stop()
+
+
+def test_one_budget_covers_session_kv_and_the_prefix_cache(target_model):
+    """Sessions of different prompts under a budget for about two: the prefix cache's copies count
+    too, so sessions + prefix cache stay within it after every open."""
+    prompt = target_model.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    one = one_session_bytes(target_model, prompt)
+    budget = int(2.2 * one)
+    verifier = build_verifier(TargetConfig(model="tiny", kv_cache_budget_mb=budget / (1 << 20)), target_model)
+    try:
+        for i in range(4):
+            open_session(verifier, prompt[: len(prompt) - i])
+            held = sum(verifier.backend.session_bytes(s) for s in verifier.sessions.snapshot())
+            assert held + verifier.backend.shared_cache_bytes() <= budget
+        assert len(verifier.backend.prefix_cache) < 4  # the prefix cache gave way too
+    finally:
+        verifier.stop()
+
+
+def test_a_full_target_refuses_before_paying_the_prefill(target_model):
+    """A session mid-round cannot be evicted: with no room left the next OpenSession gets
+    RESOURCE_EXHAUSTED and no prefill runs; a prompt larger than the whole budget is refused the
+    same way, and so is a session past `max_sessions` (with a retry hint: when the oldest expires)."""
+    prompt = target_model.tokenizer.encode("The quick brown fox jumps over the lazy dog")
+    one = one_session_bytes(target_model, prompt)
+    config = TargetConfig(model="tiny", prefix_cache_mb=0, kv_cache_budget_mb=1.5 * one / (1 << 20))
+    verifier = build_verifier(config, target_model)
+    prefills = []
+    original = verifier.backend.prefill
+    verifier.backend.prefill = lambda session: prefills.append(session) or original(session)
+    try:
+        busy = verifier.sessions.get(open_session(verifier, prompt).session_id)
+        with busy.lock:  # a round in flight on it
+            with pytest.raises(ResourceExhausted) as err:
+                open_session(verifier, prompt)
+        assert len(prefills) == 1 and "memory budget" in str(err.value)
+        with pytest.raises(ResourceExhausted):
+            open_session(verifier, list(range(5, 300)))
+        assert len(prefills) == 1
+        open_session(verifier, prompt)  # once idle, the older session gives way
+        assert len(prefills) == 2 and len(verifier.sessions) == 1
+        verifier.sessions.max_sessions = 1
+        with pytest.raises(ResourceExhausted) as err:
+            open_session(verifier, prompt)
+        assert len(prefills) == 2 and 0 < err.value.retry_after_s <= config.session_ttl_s
+    finally:
+        verifier.stop()
+
+
+def test_q_support_per_node_is_bounded(fuzz_verifier):
+    """A q with more entries than any draft keeps is refused before the target loops over it."""
+    opened = open_session(
+        fuzz_verifier, [5, 6, 7], strategy="probabilistic", sampling=target_pb2.SamplingParams(temperature=1.0)
+    )
+    size = MAX_Q_SUPPORT + 1
+    tree = CandidateTree([-1], [9], [SparseProbs([9] + [i % 300 for i in range(size - 1)], [1.0 / size] * size)])
+    with pytest.raises(InvalidArgument, match="limit"):
+        verify(fuzz_verifier, opened.session_id, 0, tree)
+    fuzz_verifier.close_session(opened.session_id)

@@ -144,3 +144,38 @@ def test_modal_errors_keep_their_status_and_transient_ones_are_retried(container
         session.verify(CandidateTree([-1], [info.vocab_size]))
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     session.close()
+
+
+def test_a_full_container_is_retried_with_backoff_honouring_its_hint(containers):
+    """RESOURCE_EXHAUSTED (a container out of sessions or memory) is retried, waiting at least the
+    hint the container gave, until the call goes through."""
+    from draft_node.resumable_session import ResumableSession, RetryPolicy
+    from services.errors import ResourceExhausted
+
+    refusals = itertools.count()
+
+    def full_at_first(method, *args):
+        if method == "open_session" and next(refusals) < 2:
+            raise ResourceExhausted("the target holds 64 sessions already; retry later", retry_after_s=0.5)
+        return getattr(containers[0], method).local(*args)
+
+    client = ModalTargetClient("modal://specwire-target/Target", caller=full_at_first)
+    info = client.info()
+    slept = []
+    session = ResumableSession(
+        client, [1, 2, 3], info.tokenizer_fingerprint, "", target_pb2.SamplingParams(), RetryPolicy(30, 0.01, 0.02, slept.append)
+    )
+    assert session.first_token_id >= 0
+    assert len(slept) == 2 and min(slept) >= 0.5
+    session.close()
+
+
+def test_rerouted_calls_leave_no_orphan_sessions(tiny, containers, monkeypatch):
+    """Calls that alternate between two containers rebuild the session each time; a container
+    keeps at most one session of a generation (its latest), so after the generation at most one
+    is left anywhere (the final close reaches one container; the TTL frees the other)."""
+    instances = [local_instance(c) for c in containers]
+    for instance in instances:
+        instance.verifier.sessions.stop()  # start from empty stores
+    generate_via_modal(tiny, monkeypatch, local_caller(containers, itertools.cycle([0, 1])), "The quick brown fox", 32)
+    assert sum(len(instance.verifier.sessions) for instance in instances) <= 1

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import time
 
+import grpc
 import httpx
 import openai
 import pytest
 
-from tests.helpers import target_only_greedy
+from tests.helpers import collect, target_only_greedy
 
 
 @pytest.fixture
@@ -79,6 +81,31 @@ def test_sampling_parameters_and_stop(api):
     assert stopped.choices[0].finish_reason == "stop"
 
 
+def test_a_prompt_given_as_token_ids(api, target_model):
+    """As OpenAI and vLLM accept: a list of token ids, or a list holding one such list; ids outside
+    the vocabulary get a 400 that says so."""
+    _, base, client = api
+    ids = target_model.tokenizer.encode("def add(a, b):")
+    expected = target_model.tokenizer.decode(target_only_greedy(target_model, ids, 12), skip_special_tokens=True)
+    for prompt in (ids, [ids]):
+        result = client.completions.create(model="target", prompt=prompt, max_tokens=12, temperature=0)
+        assert result.choices[0].text == expected and result.usage.prompt_tokens == len(ids)
+    vocab = len(target_model.tokenizer)
+    for bad, says in (([1, vocab], "outside the vocabulary"), ([-1], "outside the vocabulary"),
+                      ([[1, 2], [3]], "one prompt"), ([[]], "empty"), ([1, "a"], "prompt")):  # fmt: skip
+        reply = httpx.post(base + "/v1/completions", json={"prompt": bad, "max_tokens": 2}, timeout=60)
+        assert reply.status_code == 400 and says in reply.json()["error"]["message"], (bad, reply.text)
+
+
+def test_a_tiny_positive_temperature_is_greedy(api, target_model):
+    """temperature 1e-39 (positive, but logits / 1e-39 overflow) gives the greedy text, not NaN's token 0."""
+    _, _, client = api
+    prompt = "def add(a, b):"
+    expected = target_only_greedy(target_model, target_model.tokenizer.encode(prompt), 16)
+    result = client.completions.create(model="target", prompt=prompt, max_tokens=16, temperature=1e-39, seed=1)
+    assert result.choices[0].text == target_model.tokenizer.decode(expected, skip_special_tokens=True)
+
+
 @pytest.mark.parametrize(
     "body",
     [
@@ -103,6 +130,21 @@ def test_bad_parameters_get_400(api, body):
     response = httpx.post(base + "/v1/completions", content=raw, headers={"content-type": "application/json"})
     assert response.status_code == 400, response.text
     assert response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "stop", [["a", "b", "c", "d", "e"], ["x" * 257], ["x" * 50000] * 200], ids=["5 strings", "257 chars", "200x50000"]
+)
+def test_stop_strings_are_bounded(api, stop):
+    """OpenAI's 4 stop strings of up to 256 characters; beyond, 400 (HTTP) / INVALID_ARGUMENT (gRPC)
+    before any work, instead of a hold-back scan that stalls the node."""
+    pair, base, client = api
+    with pytest.raises(openai.BadRequestError, match="stop"):
+        client.completions.create(model="target", prompt="hi", max_tokens=4, stop=stop)
+    with pytest.raises(grpc.RpcError) as err:
+        collect(pair.draft_stub, prompt="hi", max_tokens=4, stop=stop)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "stop" in err.value.details()
+    assert client.completions.create(model="target", prompt="hi", max_tokens=4, stop=["y" * 256] * 4).choices
 
 
 def test_lone_surrogate_in_a_chat_message_is_400(api):
@@ -175,7 +217,7 @@ def _bodies():
     return st.one_of(st.tuples(st.just("/v1/completions"), completion), st.tuples(st.just("/v1/chat/completions"), chat))
 
 
-def test_fuzzed_requests_never_get_5xx(api):
+def test_fuzzed_requests_never_get_5xx(api, target_model):
     """Whatever the body, the answer is a 2xx or a 4xx with a message; the node keeps serving."""
     from hypothesis import HealthCheck, given, settings
 
@@ -196,7 +238,9 @@ def test_fuzzed_requests_never_get_5xx(api):
             assert response.json()["error"]["message"]
 
     check()
-    assert client.completions.create(model="target", prompt="still up", max_tokens=2).choices[0].text is not None
+    expected = target_only_greedy(target_model, target_model.tokenizer.encode("still up"), 4)
+    still_up = client.completions.create(model="target", prompt="still up", max_tokens=4, temperature=0)
+    assert still_up.choices[0].text == target_model.tokenizer.decode(expected, skip_special_tokens=True)
 
 
 def sse_chunks(base: str, path: str, body: dict) -> list[dict]:
@@ -254,10 +298,104 @@ def test_error_mid_stream_is_an_error_event(tiny, pair_factory):
         return original(request, *owner)
 
     pair.target.node.verify = failing
-    with httpx.stream(
-        "POST", base + "/v1/completions", json={"prompt": "def add(a, b):", "max_tokens": 40, "temperature": 0, "stream": True}
-    ) as response:
+    events = sse_events(base, {"prompt": "def add(a, b):", "max_tokens": 40, "temperature": 0})
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] >= 500 and "target" in error["message"]
+    assert "overloaded" not in error["message"]  # INTERNAL: a generic message outward, the detail in the log
+    assert "choices" in json.loads(events[0])
+
+
+def sse_events(base: str, body: dict) -> list[str]:
+    """Every `data:` payload of a streamed completion, as sent."""
+    with httpx.stream("POST", base + "/v1/completions", json={**body, "stream": True}, timeout=60) as response:
         assert response.status_code == 200
-        events = [json.loads(line[6:]) for line in response.iter_lines() if line.startswith("data: {")]
-    assert events[-1]["error"]["code"] >= 500 and "target" in events[-1]["error"]["message"]
-    assert "choices" in events[0]
+        return [line[6:] for line in response.iter_lines() if line.startswith("data: ")]
+
+
+def test_an_unexpected_error_mid_stream_ends_it_with_an_error_event_and_done(api, monkeypatch, caplog):
+    pair, base, _ = api
+    engine = pair.draft.node
+
+    def broken(*args):
+        raise RuntimeError("secret detail of a bug")
+
+    monkeypatch.setattr(engine, "_record_round", broken)  # fails after the first round
+    events = sse_events(base, {"prompt": "def add(a, b):", "max_tokens": 20, "temperature": 0})
+    assert events[-1] == "[DONE]"
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 500 and "secret" not in error["message"]
+    assert "secret detail of a bug" in caplog.text  # logged on the node
+    assert "choices" in json.loads(events[0])
+
+
+def slow_rounds(pair, seconds: float) -> None:
+    original = pair.target.node.verify
+
+    def slow(*args, **kwargs):
+        time.sleep(seconds)
+        return original(*args, **kwargs)
+
+    pair.target.node.verify = slow
+
+
+def wait_until_no_target_sessions(pair, timeout_s: float = 15) -> int:
+    deadline = time.monotonic() + timeout_s
+    while len(pair.target.node.sessions) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(pair.target.node.sessions)
+
+
+def test_a_client_that_leaves_a_non_streaming_request_cancels_its_generation(api):
+    """The generation stops after the round in flight and its target session is freed, instead of
+    running to max_tokens for nobody."""
+    pair, base, _ = api
+    slow_rounds(pair, 0.2)
+    body = {"prompt": "Natalia sold clips", "max_tokens": 1000, "temperature": 0, "num_speculative_tokens": 1}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(base + "/v1/completions", json=body, timeout=1.5)
+    assert wait_until_no_target_sessions(pair) == 0
+    requests = pair.draft.node.metrics.requests
+    assert requests.labels("cancelled")._value.get() == 1
+
+
+def test_a_client_that_leaves_before_the_first_chunk_cancels_its_stream(api):
+    """Gone while the prompt is still prefilling: the generation stops after its first chunk."""
+    pair, base, _ = api
+    slow_rounds(pair, 0.2)
+    verifier = pair.target.node
+    prefill = verifier.backend.prefill
+
+    def slow_prefill(session):
+        time.sleep(2)
+        return prefill(session)
+
+    verifier.backend.prefill = slow_prefill
+    body = {"prompt": "Natalia sold clips", "max_tokens": 1000, "temperature": 0, "num_speculative_tokens": 1}
+    with pytest.raises(httpx.ReadTimeout), httpx.stream(
+        "POST", base + "/v1/completions", json={**body, "stream": True}, timeout=1.0
+    ) as response:
+        response.read()
+    deadline = time.monotonic() + 15
+    while not verifier.metrics.sessions_opened._value.get() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert verifier.metrics.sessions_opened._value.get() == 1
+    assert wait_until_no_target_sessions(pair) == 0
+
+
+def test_concurrent_http_generations_are_bounded(tiny, pair_factory):
+    """Past `--http-max-streams` generations at once a request gets 429 with a clear message (no new
+    thread); a finished one frees its slot."""
+    pair = pair_factory(tiny.draft_noisy, http_max_streams=1)
+    base = f"http://127.0.0.1:{pair.draft.http_port}"
+    slow_rounds(pair, 0.2)
+    body = {"prompt": "Natalia sold clips", "max_tokens": 1000, "temperature": 0, "num_speculative_tokens": 1, "stream": True}
+    with httpx.stream("POST", base + "/v1/completions", json=body, timeout=60) as first:
+        assert first.status_code == 200
+        next(first.iter_lines())
+        for stream in (True, False):
+            busy = httpx.post(base + "/v1/completions", json={**body, "stream": stream, "max_tokens": 2}, timeout=60)
+            assert busy.status_code == 429 and "1 HTTP generations" in busy.json()["error"]["message"]
+    assert wait_until_no_target_sessions(pair) == 0
+    done = httpx.post(base + "/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=60)
+    assert done.status_code == 200

@@ -141,3 +141,28 @@ def test_page_with_api_keys(tiny, pair_factory, browser, tmp_path):
     browser.find_element(By.ID, "send").click()
     wait.until(lambda b: idle(b) and b.find_elements(By.CSS_SELECTOR, "#speculative .tok"))
     assert error_text(browser) == ""
+
+
+OUTSIDE_THE_CARD = """
+const card = document.querySelector('#speculative').getBoundingClientRect();
+return [...document.querySelectorAll('#speculative .positions .position, #speculative .positions .bar')]
+  .filter((e) => { const r = e.getBoundingClientRect(); return r.left < card.left || r.right > card.right; })
+  .length;
+"""
+
+
+@pytest.mark.parametrize("k", [16, 32])
+def test_acceptance_by_position_stays_inside_its_card(tiny, pair_factory, browser, k):
+    """At 1400 px with both panels shown, K draft positions (16, the default; 32, the most) keep
+    every bar of the chart inside the speculative card."""
+    pair = pair_factory(tiny.draft_noisy, min_chain_probability=0)  # every chain is K long
+    wait = open_page(browser, pair)
+    fill(browser, prompt="Natalia sold clips", max_tokens=3 * k, k=k)
+    browser.find_element(By.ID, "compare").click()
+    verdict = browser.find_element(By.CSS_SELECTOR, "#alone .verdict")
+    wait.until(lambda b: verdict.text and idle(b))
+    assert error_text(browser) == ""
+    assert len(browser.find_elements(By.CSS_SELECTOR, "#speculative .positions .position")) == k
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    browser.save_screenshot(str(ARTIFACTS / f"playground-k{k}.png"))
+    assert browser.execute_script(OUTSIDE_THE_CARD) == 0

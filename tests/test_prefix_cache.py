@@ -101,7 +101,7 @@ def test_draft_starts_from_the_shared_prefix_and_drafts_the_same_chain(tiny):
     HFProposer(model, compute, min_chain_probability=0, prefix_cache=prefixes).propose(shared + [50, 51], 3)
     fed.clear()
     reused = HFProposer(model, compute, min_chain_probability=0, prefix_cache=prefixes).propose(shared + [60, 61], 3)
-    assert fed == [2, 1, 1]  # the first forward feeds only what the cached prefix lacks
+    assert fed == [1, 1, 1, 1]  # what the cached prefix lacks, then the context's last token as a step
     alone = HFProposer(model, compute, min_chain_probability=0).propose(shared + [60, 61], 3)
     assert reused.token_ids == alone.token_ids
     compute.stop()

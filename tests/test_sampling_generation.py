@@ -76,14 +76,16 @@ def test_bad_sampling_parameters(tiny, pair_factory):
         assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, request
 
 
-def target_alone_sampled(pair, prompt_ids: list[int], sampling: target_pb2.SamplingParams, count: int) -> list[int]:
+def target_alone_sampled(
+    pair, prompt_ids: list[int], sampling: target_pb2.SamplingParams, count: int, strategy: str = "gumbel"
+) -> list[int]:
     """The target sampling by itself through its own API: one session verified with empty tries."""
     info = pair.target_stub.Info(target_pb2.InfoRequest())
     opened = pair.target_stub.OpenSession(
         target_pb2.OpenSessionRequest(
             prompt_token_ids=prompt_ids,
             tokenizer_fingerprint=info.tokenizer_fingerprint,
-            strategy="gumbel",
+            strategy=strategy,
             sampling=sampling,
         )
     )
@@ -126,3 +128,30 @@ def test_seeded_text_is_the_targets_own_whatever_k_draft_pipelining_batching_or_
     forget_sessions_at(pipelined.target.node, {2, 4})
     assert collect(pipelined.draft_stub, num_speculative_tokens=3, **request)[0] == reference
     assert pipelined.draft.node.metrics.target_resumes._value.get() == 2
+
+
+@pytest.mark.parametrize("proposer", ["hf", "ngram"])
+@pytest.mark.parametrize("strategy", ["", "probabilistic"])
+def test_tiny_positive_temperatures_are_greedy(tiny, target_model, pair_factory, proposer, strategy):
+    """1e-39 is positive but logits / 1e-39 overflow: both nodes treat it as greedy, whatever the
+    strategy or proposer, so the text is the target's greedy text (no NaN token 0, no INTERNAL)."""
+    from tests.helpers import target_only_greedy
+
+    pair = pair_factory(tiny.draft_noisy, proposer=proposer)
+    prompt = "def add(a, b):\n    return a + b\ndef add(a, b):"
+    tokens, _ = collect(
+        pair.draft_stub, prompt=prompt, max_tokens=16, temperature=1e-39, seed=3, strategy=strategy, num_speculative_tokens=3
+    )
+    assert tokens == target_only_greedy(target_model, target_model.tokenizer.encode(prompt), 16)
+
+
+def test_a_tiny_temperature_on_the_target_alone_is_greedy(tiny, target_model, pair_factory):
+    """Straight to the target: a session at temperature 1e-39 takes the argmax at every position."""
+    from tests.helpers import target_only_greedy
+
+    pair = pair_factory(tiny.draft_noisy)
+    prompt_ids = target_model.tokenizer.encode("The quick brown fox")
+    for strategy in ("gumbel", "probabilistic", "threshold"):
+        sampling = target_pb2.SamplingParams(temperature=1e-39, seed=1)
+        tokens = target_alone_sampled(pair, prompt_ids, sampling, 8, strategy)
+        assert tokens == target_only_greedy(target_model, prompt_ids, 8), strategy

@@ -250,22 +250,58 @@ def test_draft_reaches_a_secured_target_and_output_is_unchanged(tiny, target_mod
             )
         )
         tokens = [t for c in chunks for t in c.token_ids]
-        base, auth = f"http://127.0.0.1:{draft.http_port}", {"Authorization": "Bearer key-bob-9876543210"}
-        model = httpx.get(f"{base}/v1/models", headers=auth, timeout=30).json()["data"][0]["id"]
-        url, body = (
-            f"{base}/v1/completions",
-            {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0},
-        )
-        assert httpx.post(url, json=body, timeout=60).status_code == 401
-        assert (
-            httpx.post(url, json=body, headers={"Authorization": "Bearer nope"}, timeout=60).status_code
-            == 401
-        )
-        reply = httpx.post(url, json=body, headers=auth, timeout=120)
+        # the HTTP API is served over TLS with the node's certificate: Bearer keys never travel in clear
+        with pytest.raises(httpx.HTTPError):
+            httpx.get(f"http://127.0.0.1:{draft.http_port}/health", timeout=10)
+        http = httpx.Client(base_url=f"https://localhost:{draft.http_port}", verify=str(pki / "ca.pem"), timeout=120)
+        auth = {"Authorization": "Bearer key-bob-9876543210"}
+        model = http.get("/v1/models", headers=auth).json()["data"][0]["id"]
+        url, body = "/v1/completions", {"model": model, "prompt": prompt, "max_tokens": 24, "temperature": 0}
+        assert http.post(url, json=body).status_code == 401
+        assert http.post(url, json=body, headers={"Authorization": "Bearer nope"}).status_code == 401
+        reply = http.post(url, json=body, headers=auth)
         assert reply.status_code == 200
         assert reply.json()["choices"][0]["text"] == target_model.tokenizer.decode(tokens)
-        assert httpx.get(f"{base}/health", timeout=30).status_code == 200  # probes need no key
+        assert http.get("/health").status_code == 200  # probes need no key
         expected = target_only_greedy(target_model, target_model.tokenizer.encode(prompt), 24)
         assert tokens == expected[: len(tokens)] and len(tokens) == min(24, len(expected))
+    finally:
+        draft.stop(0)
+
+
+def test_internal_errors_say_nothing_of_their_cause(tiny, pair_factory, caplog):
+    """An unexpected failure reaches callers as INTERNAL / HTTP 5xx with a generic message; its
+    text (which may hold paths, tensors or prompts) stays in the node's log."""
+    pair = pair_factory(tiny.draft_noisy)
+    verifier = pair.target.node
+
+    def broken(session, tree):
+        raise RuntimeError("secret detail of a bug")
+
+    verifier.backend.verify = broken
+    opened = pair.target_stub.OpenSession(open_request(verifier, [5, 6, 7]))
+    tree = CandidateTree.from_sequences([[1]]).to_proto()
+    with pytest.raises(grpc.RpcError) as err:
+        pair.target_stub.Verify(target_pb2.VerifyRequest(session_id=opened.session_id, round_id=0, tree=tree))
+    assert err.value.code() == grpc.StatusCode.INTERNAL and "secret" not in err.value.details()
+    reply = httpx.post(
+        f"http://127.0.0.1:{pair.draft.http_port}/v1/completions",
+        json={"prompt": "def add(a, b):", "max_tokens": 8, "temperature": 0},
+        timeout=60,
+    )
+    assert reply.status_code >= 500 and "secret" not in reply.text
+    assert "secret detail of a bug" in caplog.text
+
+
+def test_health_does_not_echo_the_error(tiny):
+    """/health of a draft whose target is unreachable: 503 and a fixed message."""
+    draft = start_draft(
+        DraftConfig(model=tiny.draft_noisy, port=0, metrics_port=-1, http_port=0, target="127.0.0.1:1"),
+        load_model(tiny.draft_noisy),
+    )
+    try:
+        reply = httpx.get(f"http://127.0.0.1:{draft.http_port}/health", timeout=30)
+        assert reply.status_code == 503
+        assert reply.json()["error"]["message"] == "target not available"
     finally:
         draft.stop(0)

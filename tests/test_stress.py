@@ -110,14 +110,16 @@ def test_concurrent_rounds_closes_expiry_eviction_and_cancels(tiny, target_model
                 errors.append(f"KV length differs from the context in {wrong}")
             time.sleep(0.05)
 
-    threads = [threading.Thread(target=generations, args=(i,)) for i in range(4)]
-    threads += [threading.Thread(target=direct_rounds, args=(100 + i,)) for i in range(2)]
-    threads.append(threading.Thread(target=watch_kv))
+    threads = [threading.Thread(target=generations, args=(i,), name=f"generations-{i}") for i in range(4)]
+    threads += [threading.Thread(target=direct_rounds, args=(100 + i,), name=f"direct-{i}") for i in range(2)]
+    threads.append(threading.Thread(target=watch_kv, name="watch-kv"))
     try:
         for thread in threads:
             thread.start()
         for thread in threads:
             thread.join(60)
+        stuck = [thread.name for thread in threads if thread.is_alive()]
+        assert not stuck, f"still running 60 s after the run ended (a deadlock?): {stuck}"
         assert not errors, errors[:5]
         assert finished[0] >= 5, "too few generations finished to mean anything"
         removed = verifier.metrics.sessions_removed

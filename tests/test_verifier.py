@@ -279,3 +279,20 @@ def test_session_removed_between_lookup_and_lock_reads_not_found(target_model, v
     monkeypatch.setattr(verifier.sessions, "get", get_then_evicted)
     with pytest.raises(NotFound):
         verify(verifier, opened.session_id, 0, CandidateTree.from_sequences([[1, 2]]))
+
+
+def test_session_bytes_reads_the_cache_once(verifier):
+    """The metrics scrape sums session bytes beside rounds and closes: a cache that becomes None
+    between a check and a read (CloseSession on another thread) counts, it never fails the scrape."""
+    opened = open_session(verifier, [5, 6, 7])
+    cache = verifier.sessions.get(opened.session_id).cache
+
+    class ClosedMidScrape:
+        reads = 0
+
+        @property
+        def cache(self):
+            self.reads += 1
+            return cache if self.reads == 1 else None
+
+    assert verifier.backend.session_bytes(ClosedMidScrape()) == kv_nbytes(cache)

@@ -119,10 +119,16 @@ class Run {
         accepted[p] = (accepted[p] ?? 0) + (p < r.accepted ? 1 : 0);
       }
     }
+    // columns share the card's width; past 12 the rates move to the titles and every 4th position is numbered
+    const dense = drafted.length > 12;
+    this.positions.style.setProperty("--positions", drafted.length);
+    this.positions.classList.toggle("dense", dense);
     this.positions.innerHTML = drafted.map((count, p) => {
       const rate = accepted[p] / count;
-      return `<div class="position" title="${accepted[p]} of ${count}"><span>${Math.round(rate * 100)}%</span>` +
-        `<div class="bar" style="height:${Math.max(2, rate * 46)}px"></div><span>${p + 1}</span></div>`;
+      const label = !dense || p === 0 || (p + 1) % 4 === 0 ? p + 1 : "";
+      return `<div class="position" title="position ${p + 1}: ${accepted[p]} of ${count} accepted (${Math.round(rate * 100)}%)">` +
+        `<span class="rate">${Math.round(rate * 100)}%</span>` +
+        `<div class="bar" style="height:${Math.max(2, rate * 46)}px"></div><span>${label}</span></div>`;
     }).join("");
   }
 

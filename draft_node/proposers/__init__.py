@@ -11,6 +11,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 from draft_node.config import DraftConfig
 from draft_node.proposers.base import DraftNoise, Proposer
 from services.compute_thread import ComputeThread
+from services.limits import mb_to_bytes
 from services.model_loading import (
     LoadedModel,
     gguf_source,
@@ -69,7 +70,7 @@ def load_gguf_drafter(config: DraftConfig) -> Drafter:
         lambda: GGUFDecoder(file, output_rows=config.draft_vocab or None), "gguf-draft", max_rows=config.prefill_chunk_tokens
     )
     decoder = loop.decoder
-    prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)), KVBufferCopies(decoder.new_cache))
+    prefix_cache = PrefixCache(mb_to_bytes(config.prefix_cache_mb), KVBufferCopies(decoder.new_cache))
     return Drafter(
         model_id_of(config.model),
         tokenizer,
@@ -108,11 +109,11 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
 
         loaded = loaded or load_model(config.model, config.dtype, config.cache_dir, config.device)
         compute = ComputeThread("hf-draft-compute")  # concurrent generations take turns on the one model
-        compute.run(
+        step_rows = compute.run(
             use_small_row_linears, loaded.model, small_row_setting(config.small_row_linear), int8=weights == "int8"
         )
         eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
-        prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)))
+        prefix_cache = PrefixCache(mb_to_bytes(config.prefix_cache_mb))
         return Drafter(
             loaded.model_id,
             loaded.tokenizer,
@@ -125,6 +126,7 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
                 config.confidence_threshold,
                 config.min_chain_probability,
                 prefix_cache,
+                step_rows,
             ),
             max_candidates=1,
             stop=compute.stop,

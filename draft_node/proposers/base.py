@@ -9,7 +9,7 @@ import torch
 
 from services.candidate_tree import CandidateTree, SparseProbs
 from services.rpc.specwire.v1 import target_pb2
-from services.sampling import target_probs
+from services.sampling import target_probs, top1
 from services.token_noise import Stream, TokenNoise
 
 
@@ -46,7 +46,7 @@ def draft_token(
     """Greedy (no q) or a sample, for the token at `position`, with the exact sparse q it was
     drawn from."""
     if sampling.temperature == 0:
-        return int(logits.argmax()), None
+        return int(top1(logits)), None
     probs = target_probs(logits, sampling)
     support = probs.nonzero().flatten()
     token = noise.sample(probs, position)

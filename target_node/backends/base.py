@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from services.candidate_tree import CandidateTree
+from services.memory import available_memory_bytes
 from target_node.kernels import TorchKernels, VerifyKernels
 from target_node.session import Session
 from target_node.strategies import Decision
@@ -32,6 +33,23 @@ class VerifyBackend(ABC):
     def session_bytes(self, session: Session) -> int:
         """Memory this backend holds for a session (its KV cache)."""
         return 0
+
+    def prefill_bytes(self, num_tokens: int) -> int:
+        """Memory a new session of `num_tokens` will hold after its prefill, known before it runs
+        (so a target without room refuses the session instead of paying for the prefill)."""
+        return 0
+
+    def shared_cache_bytes(self) -> int:
+        """Memory held by caches shared across sessions (a prefix cache)."""
+        return 0
+
+    def shrink_shared_caches(self, nbytes: int) -> int:
+        """Free at least `nbytes` of the shared caches if they hold that much; returns bytes freed."""
+        return 0
+
+    def free_memory_bytes(self) -> int:
+        """Memory available to this backend's caches now (the default budget is a share of it)."""
+        return available_memory_bytes()
 
     @abstractmethod
     def prefill(self, session: Session) -> int:

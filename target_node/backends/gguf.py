@@ -16,7 +16,8 @@ import torch
 from services.candidate_tree import CandidateTree
 from services.forward_loop import ForwardLoop
 from services.gguf_decoder import GGUFDecoder, Rows
-from services.kv_buffer import KVBuffer
+from services.kv_buffer import GROWTH, KVBuffer
+from services.limits import mb_to_bytes
 from services.prefix_cache import KVBufferCopies, PrefixCache
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
@@ -90,7 +91,7 @@ class GGUFBackend(VerifyBackend):
         self.decoder = decoder = self.loop.decoder
         self.vocab_size = decoder.vocab_size
         self.max_context = decoder.settings.max_context
-        self.prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)), KVBufferCopies(decoder.new_cache))
+        self.prefix_cache = PrefixCache(mb_to_bytes(config.prefix_cache_mb), KVBufferCopies(decoder.new_cache))
 
     def prefill(self, session: Session) -> int:
         session.cached_prefix, session.cache = self.loop.call(lambda: self.prefix_cache.lookup(session.token_ids))
@@ -110,8 +111,19 @@ class GGUFBackend(VerifyBackend):
         }
 
     def session_bytes(self, session: Session) -> int:
-        cache = session.cache
+        cache = session.cache  # read once: a close on another thread may set it to None meanwhile
         return cache.nbytes if cache is not None else 0
+
+    def prefill_bytes(self, num_tokens: int) -> int:
+        s = self.decoder.settings
+        per_token = s.num_layers * 2 * s.num_kv_heads * s.head_dim * 4  # float32 keys and values
+        return per_token * (num_tokens + GROWTH)  # a buffer's spare room included
+
+    def shared_cache_bytes(self) -> int:
+        return self.prefix_cache.nbytes
+
+    def shrink_shared_caches(self, nbytes: int) -> int:
+        return self.prefix_cache.shrink(nbytes)
 
     def close(self, session: Session) -> None:
         session.cache = None

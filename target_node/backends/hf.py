@@ -15,7 +15,8 @@ from transformers import DynamicCache, PreTrainedModel
 from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
 from services.compute_thread import ComputeThread
-from services.kv_cache import kv_buffers, kv_nbytes, truncate_kv
+from services.kv_cache import GROWTH_POSITIONS, kv_buffers, kv_bytes_per_token, kv_nbytes, truncate_kv
+from services.limits import mb_to_bytes
 from services.model_loading import LoadedModel
 from services.prefix_cache import PrefixCache
 from services.small_row_linear import small_row_setting, use_small_row_linears
@@ -87,7 +88,8 @@ class HFBackend(VerifyBackend):
             use_small_row_linears, self.model, small_row_setting(config.small_row_linear)
         )
         self.min_rows = config.pad_verify_rows
-        self.prefix_cache = PrefixCache(int(config.prefix_cache_mb * (1 << 20)))
+        self.prefix_cache = PrefixCache(mb_to_bytes(config.prefix_cache_mb))
+        self.kv_bytes_per_token = kv_bytes_per_token(self.model.config, self.model.dtype)
         self.kernels = self.compute.run(load_kernels, config.kernels, self.device)
         self.compute.run(check_tree_attention, self.model, loaded.model_id)
         self.batcher: MicroBatcher[ForwardJob, torch.Tensor] = MicroBatcher(
@@ -156,7 +158,22 @@ class HFBackend(VerifyBackend):
         }
 
     def session_bytes(self, session: Session) -> int:
-        return kv_nbytes(session.cache) if session.cache is not None else 0
+        cache = session.cache  # read once: a close on another thread may set it to None meanwhile
+        return kv_nbytes(cache) if cache is not None else 0
+
+    def prefill_bytes(self, num_tokens: int) -> int:
+        return self.kv_bytes_per_token * (num_tokens + GROWTH_POSITIONS)  # a buffer's spare room included
+
+    def shared_cache_bytes(self) -> int:
+        return self.prefix_cache.nbytes
+
+    def shrink_shared_caches(self, nbytes: int) -> int:
+        return self.prefix_cache.shrink(nbytes)
+
+    def free_memory_bytes(self) -> int:
+        if self.device.type == "cuda":
+            return torch.cuda.mem_get_info(self.device)[0]
+        return super().free_memory_bytes()
 
     def close(self, session: Session) -> None:
         session.cache = None

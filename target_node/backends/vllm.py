@@ -21,8 +21,11 @@ from target_node.strategies.base import decision_for, longest_acceptable_path
 
 
 def top1(entry: dict) -> int:
-    """The most likely token of one prompt-logprobs position."""
-    return min(entry.items(), key=lambda item: item[1].rank)[0]
+    """The most likely token of one prompt-logprobs position, by services.sampling.top1's rule: vLLM
+    gives tied tokens the same rank, so the lowest token id among them wins (not the dict's order).
+    Only the tokens vLLM returned are known (its top-1 and the prompt's own token): a lower-id tie
+    outside them cannot be seen."""
+    return min(entry.items(), key=lambda item: (item[1].rank, item[0]))[0]
 
 
 class VllmBackend(VerifyBackend):

@@ -37,7 +37,7 @@ class DraftQ:
 
 @dataclass(frozen=True)
 class GreedyVerifyResult:
-    target_argmax: torch.Tensor  # [B, R] int32: argmax of every row (first index on ties)
+    target_argmax: torch.Tensor  # [B, R] int32: every row's top-1 by services.sampling.top1 (NaN as -inf, lowest index on ties)
     node_accepted: torch.Tensor  # [B, N] bool: the node's token is its parent row's argmax
     path_end: torch.Tensor  # [B] int32: last node of the longest accepted root path, -1 if none
     path_length: torch.Tensor  # [B] int32

@@ -10,6 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from services.kv_cache import move_positions
+from services.sampling import top1
 from target_node.kernels.base import DraftQ, GreedyVerifyResult, RejectionResult, TreeBatch
 
 
@@ -51,7 +52,7 @@ class TorchKernels:
     name = "torch"
 
     def tree_greedy_verify(self, logits: torch.Tensor, trees: TreeBatch) -> GreedyVerifyResult:
-        argmax = logits.argmax(-1).to(torch.int32)
+        argmax = top1(logits).to(torch.int32)
         valid = torch.arange(trees.parents.shape[1], device=logits.device) < trees.num_nodes[:, None]
         rows = (trees.parents.long() + 1).clamp(0, logits.shape[1] - 1)
         accepted = valid & (argmax.gather(1, rows) == trees.tokens)

@@ -20,6 +20,7 @@ def _row_argmax(row_ptr, V, BLOCK: tl.constexpr):
     for start in range(0, V, BLOCK):
         offs = start + tl.arange(0, BLOCK)
         x = tl.load(row_ptr + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        x = tl.where(x == x, x, float("-inf"))  # services.sampling.top1's rule: NaN counts as -inf
         value, index = tl.max(x, 0, return_indices=True, return_indices_tie_break_left=True)
         take = value > best_val
         best_idx = tl.where(take, start + index, best_idx)

@@ -16,7 +16,7 @@ import torch
 
 from services.candidate_tree import ROOT, CandidateTree
 from services.rpc.specwire.v1 import target_pb2
-from services.sampling import check_sampling, target_probs
+from services.sampling import check_sampling, target_probs, top1
 from services.token_noise import TokenNoise
 from target_node.kernels import TorchKernels, VerifyKernels
 
@@ -71,7 +71,7 @@ class Strategy(ABC):
         """The target's own choice for the token at `position`: argmax when greedy, else Gumbel-max
         on the session's noise (the same token the target alone would draw with this seed)."""
         if self.sampling.temperature == 0:
-            return int(logits.argmax())
+            return int(top1(logits))
         return noise.sample(target_probs(logits, self.sampling), position)
 
     @abstractmethod

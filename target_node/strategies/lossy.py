@@ -9,11 +9,12 @@ import torch
 
 from services.errors import InvalidArgument
 from services.rpc.specwire.v1 import target_pb2
+from services.sampling import without_nan
 from target_node.strategies.base import NodewiseStrategy
 
 
 def _acceptance_probs(logits: torch.Tensor, sampling: target_pb2.SamplingParams) -> torch.Tensor:
-    return (logits / (sampling.temperature or 1.0)).softmax(-1)
+    return (without_nan(logits) / (sampling.temperature or 1.0)).softmax(-1)
 
 
 class ThresholdStrategy(NodewiseStrategy):
@@ -60,4 +61,4 @@ class TopKStrategy(NodewiseStrategy):
 
     def accept(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
         k = min(self.k, logits.shape[-1])
-        return (logits.topk(k, dim=-1).indices == tokens[:, None]).any(-1)
+        return (without_nan(logits).topk(k, dim=-1).indices == tokens[:, None]).any(-1)

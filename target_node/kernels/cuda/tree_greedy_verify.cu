@@ -3,15 +3,17 @@
 // one block), then one block per request judges nodes, walks their ancestors and picks the path.
 #include "verify_kernels.h"
 
-#include <cfloat>
+#include <cmath>
 
 namespace {
 
 constexpr int kThreads = 256;
 constexpr int kWarp = 32;
 
+// services.sampling.top1's rule: NaN counts as -inf, the larger value wins, on ties the lower index
+// (so a row with no number at all gives index 0).
 __device__ void better(float& value, int& index, float other_value, int other_index) {
-  // larger value wins; on ties the lower index (torch.argmax returns the first maximum)
+  if (isnan(other_value)) other_value = -INFINITY;
   if (other_value > value || (other_value == value && other_index < index)) {
     value = other_value;
     index = other_index;
@@ -32,7 +34,7 @@ __global__ void row_argmax_kernel(const float* __restrict__ logits, int32_t* arg
   __shared__ int warp_index[kThreads / kWarp];
   const int64_t row = static_cast<int64_t>(blockIdx.y) * rows + blockIdx.x;
   const float* x = logits + row * vocab;
-  float value = -FLT_MAX;
+  float value = -INFINITY;
   int index = vocab;
   for (int v = threadIdx.x; v < vocab; v += kThreads) better(value, index, x[v], v);
   warp_best(value, index);
@@ -43,10 +45,10 @@ __global__ void row_argmax_kernel(const float* __restrict__ logits, int32_t* arg
   }
   __syncthreads();
   if (warp == 0) {
-    value = lane < kThreads / kWarp ? warp_value[lane] : -FLT_MAX;
+    value = lane < kThreads / kWarp ? warp_value[lane] : -INFINITY;
     index = lane < kThreads / kWarp ? warp_index[lane] : vocab;
     warp_best(value, index);
-    if (lane == 0) argmax[row] = index < vocab ? index : 0;  // an all-NaN row: token 0
+    if (lane == 0) argmax[row] = index < vocab ? index : 0;  // an empty row (vocab 0)
   }
 }
 
