@@ -212,7 +212,7 @@ class GGUFTargetRunner:
         tokens: list[int] = []
         first = None
         while len(tokens) < self.settings.max_tokens:
-            token = greedy_token(logits[-1])
+            token = int(greedy_token(logits[-1]))
             first = first or time.perf_counter() - start
             if token in self.eos:
                 break

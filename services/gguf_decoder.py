@@ -26,6 +26,7 @@ import torch
 from services.cpu_extension import load_extension
 from services.gguf_file import DecoderSettings, GGUFFile, Tensor
 from services.kv_buffer import KVBuffer
+from services.sampling import top1
 
 log = logging.getLogger(__name__)
 
@@ -247,7 +248,7 @@ def greedy_decode(
     logits = decoder.forward([Rows(cache, list(token_ids[cache.length :]), all_logits=False)])[0]
     out: list[int] = []
     while len(out) < max_new_tokens:
-        token = int(logits[-1].argmax())
+        token = int(top1(logits[-1]))
         if token in eos_ids:
             break
         out.append(token)

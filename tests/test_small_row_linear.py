@@ -29,9 +29,9 @@ ROWS = list(range(1, 65))
 @needs_kernel
 def test_prebuilt_kernel_loads_without_a_compiler(monkeypatch):
     """Runtime images carry no compiler: the kernel their build stage made must still load."""
-    import services.small_row_linear as srl
+    import services.cpu_extension as extensions
 
-    monkeypatch.setattr(srl.shutil, "which", lambda name: None)
+    monkeypatch.setattr(extensions.shutil, "which", lambda name: None)
     monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **_: pytest.fail("torch's builder was called"))
     module = cpu_extension.__wrapped__()
     assert module is not None and module.__file__.endswith(".so")
