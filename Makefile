@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-models install-vllm install-tools proto dashboards lint test test-fast run bench
+.PHONY: install install-models install-vllm install-tools llamacpp proto dashboards lint test test-fast run bench
 
 install:            ## runtime + dev dependencies (CPU torch from the local wheel)
 	$(PIP) install -q -e ".[dev,bench]"
@@ -34,7 +34,10 @@ test-fast: install lint     ## tiny models only (no vLLM, deploy-tool or real-we
 	$(PYTHON) -m pytest -q -m "not real and not slow" --ignore tests/test_vllm_backend.py --ignore tests/test_deploy.py
 
 run: install-models         ## a local draft+target pair on the real Qwen2.5-Coder 0.5B -> 1.5B, then the playground
-	$(PYTHON) -m draft_node.cli demo --serve
+	$(PYTHON) -m specwire demo --serve
 
-bench: install-models       ## 10 GSM8K + 10 HumanEval, 128 tokens, real pair: target alone, HF assisted, specwire
+llamacpp:           ## build llama.cpp's llama-server once (the CPU baseline of make bench; ~6-25 min, cached in ~/.cache/specwire)
+	bash benchmarks/build_llamacpp.sh
+
+bench: install-models llamacpp  ## 10 GSM8K + 10 HumanEval, 128 tokens: target alone (GGUF and fp32), HF assisted, llama.cpp plain and speculative, specwire
 	$(PYTHON) -m benchmarks.bench --gsm8k 10 --humaneval 10 --max-tokens 128 --out-dir benchmarks/results/bench-cpu

@@ -1,14 +1,19 @@
-"""Benchmark client: GSM8K + HumanEval through specwire, against the target alone and HF assisted
-generation on the same pair, in one run on one machine.
+"""Benchmark client: GSM8K + HumanEval through specwire, against the target alone, HF assisted
+generation on the same pair, and llama.cpp (plain and speculative) on the same GGUF files, in one
+run on one machine.
 
     python -m benchmarks.bench --gsm8k 10 --humaneval 10 --max-tokens 128     # `make bench`
     python -m benchmarks.bench --draft 127.0.0.1:50052 ...                      # a running draft node
     python -m benchmarks.bench --openai http://127.0.0.1:8000 ...               # its OpenAI API
 
 Without --draft/--openai, a `specwire target` and a `specwire draft` process are started on
-loopback as users run them (draft_node.local_pair) and driven over gRPC. The baselines run in this
-process with the same models and linear kernels (`--small-row-linear`) the nodes use: the target
-alone (HF generate) and HF assisted generation (the same draft, same precision and weights). Runs
+loopback as users run them (specwire.local_pair) and driven over gRPC. For a GGUF target (the
+packaged models) the rows are: the target alone on the nodes' GGUF decoder and kernels (in this
+process; the exactness reference), the target alone on fp32 weights (HF generate; the quality
+reference, `--no-fp32` skips it), HF assisted generation on fp32 weights, llama.cpp's llama-server
+on the same GGUF files, plain and with the draft (its speculative mode; `make llamacpp` builds it,
+`--no-llamacpp` skips them), and specwire. For a transformers model the target alone is HF generate
+with the nodes' linear kernels (`--small-row-linear`). Runs
 never overlap each other. With one request at a time (`--concurrency 1`, the default) they take
 turns sample by sample: every run generates sample 1, then every run sample 2, and so on, so a
 machine whose speed drifts over minutes (a shared VM) slows every run alike instead of the one
@@ -35,15 +40,26 @@ from tqdm import tqdm
 
 from benchmarks.bench_data import Sample, load_samples
 from benchmarks.bench_quality import is_correct
-from benchmarks.bench_report import markdown_table, plot, summarize
-from benchmarks.bench_runners import Generation, HFRunner, Settings, SpecwireGrpcRunner, SpecwireOpenAIRunner
+from benchmarks.bench_report import compare_with, markdown_table, plot, summarize
+from benchmarks.bench_runners import (
+    Generation,
+    GGUFTargetRunner,
+    HFRunner,
+    Settings,
+    SpecwireGrpcRunner,
+    SpecwireOpenAIRunner,
+)
+from benchmarks.llamacpp import LlamaServerRunner, llama_server, llama_server_binary
 from draft_node.config import DraftConfig
-from draft_node.local_pair import local_pair
 from draft_node.proposers import eos_token_ids
+from services.config import DEFAULT_CACHE_DIR
+from services.gguf_decoder import GGUFDecoder
+from services.gguf_file import GGUFFile
 from services.limits import mb_to_bytes
-from services.model_loading import load_model
-from services.prefix_cache import PrefixCache
+from services.model_loading import gguf_source, load_model, resolve_weights
+from services.prefix_cache import KVBufferCopies, PrefixCache
 from services.small_row_linear import small_row_setting, use_small_row_linears
+from specwire.local_pair import local_pair
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -95,6 +111,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="runs take turns sample by sample (needs --concurrency 1)",
     )  # fmt: skip
     parser.add_argument("--no-baseline", action="store_true", help="skip the target-alone run")
+    parser.add_argument("--no-fp32", action="store_true", help="GGUF target: skip the fp32 target alone and HF assisted")
+    parser.add_argument("--no-llamacpp", action="store_true", help="skip llama.cpp's runs")
+    parser.add_argument(
+        "--llamacpp-spec-args", default="",
+        help="extra llama-server flags of its speculative run (default: its own defaults, e.g. --spec-draft-n-max 3)",
+    )  # fmt: skip
     parser.add_argument("--no-assisted", action="store_true", help="skip HF assisted generation")
     parser.add_argument(
         "--out-dir", type=Path, default=Path("benchmarks/results") / time.strftime("bench-%Y%m%d-%H%M%S")
@@ -160,22 +182,33 @@ def machine() -> dict:
     }
 
 
+def gguf_target(args: argparse.Namespace) -> tuple[object, object, list[int]] | None:
+    """The GGUF decoder, tokenizer and EOS ids the target node uses, for a GGUF target on a CPU."""
+    if resolve_weights("auto", args.target_model, args.device) != "gguf":
+        return None
+    file = GGUFFile(gguf_source(args.target_model))
+    tokenizer = file.tokenizer(DEFAULT_CACHE_DIR)
+    return GGUFDecoder(file), tokenizer, sorted(eos_token_ids(tokenizer, None) | file.eos_token_ids())
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     samples = load_samples(args.gsm8k, args.humaneval)
     by_id = {s.sample_id: s for s in samples}
-    target = load_model(args.target_model, args.target_dtype, device=args.device)
-    tokenizer = target.tokenizer
+    small_rows = small_row_setting(args.small_row_linear)
+    gguf = gguf_target(args)
+    fp32 = gguf is None or not args.no_fp32  # the transformers target: the reference, or beside the GGUF one
+    target = load_model(args.target_model, args.target_dtype, device=args.device) if fp32 else None
+    if target is not None:
+        use_small_row_linears(target.model, small_rows)  # the target alone runs the node's kernels
+    tokenizer = gguf[1] if gguf else target.tokenizer
     prompts = {
         s.sample_id: tokenizer.apply_chat_template(s.messages, add_generation_prompt=True, tokenize=False)
         for s in [*samples, Sample("", WARMUP, WARMUP_MESSAGES, "")]
     }
-    eos = sorted(eos_token_ids(tokenizer, target.model.generation_config))
-    small_rows = small_row_setting(args.small_row_linear)
-    use_small_row_linears(target.model, small_rows)  # the target alone runs the node's kernels
     local = not (args.draft or args.openai)
     draft = None
-    if not args.no_assisted:
+    if not args.no_assisted and target is not None:
         draft = load_model(args.draft_model, args.draft_dtype, device=args.device)
         use_small_row_linears(draft.model, small_rows, int8=args.draft_weights == "int8")
     stack = ExitStack()
@@ -202,16 +235,39 @@ def main(argv: list[str] | None = None) -> dict:
             args.max_tokens, args.temperature, args.strategy, k, args.seed, args.assisted_confidence_threshold
         )
 
-    runs: list[
-        tuple[str, object, int]
-    ] = []  # (name, runner, concurrent requests); HF generate: one at a time
+    runs: list[tuple[str, object, int]] = []  # (name, runner, concurrent requests); in-process: one at a time
+
     def prefix_cache() -> PrefixCache:  # one per run, as each target node has its own
         return PrefixCache(mb_to_bytes(args.prefix_cache_mb))
 
     if not args.no_baseline:
-        runs.append(("target-alone", HFRunner(target, settings(), eos, prefix_cache=prefix_cache()), 1))
-    if not args.no_assisted:  # whole prompts: transformers 5.19's assisted loop goes wrong on a pre-filled cache
+        if gguf:
+            decoder, _, gguf_eos = gguf
+            cache = PrefixCache(mb_to_bytes(args.prefix_cache_mb), KVBufferCopies(decoder.new_cache))
+            runs.append(("target-alone", GGUFTargetRunner(decoder, tokenizer, settings(), gguf_eos, cache), 1))
+        if target is not None:
+            eos = sorted(eos_token_ids(target.tokenizer, target.model.generation_config))
+            name = "target-alone fp32" if gguf else "target-alone"
+            runs.append((name, HFRunner(target, settings(), eos, prefix_cache=prefix_cache()), 1))
+    if draft is not None:  # whole prompts: transformers 5.19's assisted loop goes wrong on a pre-filled cache
+        eos = sorted(eos_token_ids(target.tokenizer, target.model.generation_config))
         runs += [(f"hf-assisted K={k}", HFRunner(target, settings(k), eos, assistant=draft), 1) for k in args.k]
+    if gguf and not args.no_llamacpp:
+        binary = llama_server_binary()
+        if binary is None:
+            raise SystemExit("llama.cpp is not built: run `make llamacpp` (or pass --no-llamacpp)")
+        files = {name: gguf_source(name) for name in (args.target_model, args.draft_model)}
+        logs = args.out_dir / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        plain = stack.enter_context(llama_server(binary, files[args.target_model], log=logs / "llama-plain.log"))
+        runs.append(("llama.cpp", LlamaServerRunner(plain, settings(), tokenizer, "llama.cpp"), 1))
+        speculative = stack.enter_context(
+            llama_server(
+                binary, files[args.target_model], draft=files[args.draft_model], extra=args.llamacpp_spec_args.split(),
+                log=logs / "llama-spec.log",
+            )
+        )  # fmt: skip
+        runs.append(("llama.cpp speculative", LlamaServerRunner(speculative, settings(), tokenizer, "llama.cpp speculative"), 1))
     for k in [*args.k, *([0] if args.adaptive else [])]:
         name = f"specwire K={k}" if k else "specwire adaptive"
         if args.openai:
@@ -234,6 +290,7 @@ def main(argv: list[str] | None = None) -> dict:
         summarize(name, gens, by_id, correct[name], None if name == "target-alone" else baseline)
         for name, gens in results.items()
     ]
+    compare_with(summaries, "llama.cpp", "vs_llamacpp")
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -90,10 +90,20 @@ def summarize(
     return summary
 
 
+def compare_with(summaries: Sequence[dict], name: str, key: str) -> None:
+    """Each run's tok/s over run `name`'s, as `key` (nothing where that run is absent)."""
+    reference = next((s["tokens_per_s"] for s in summaries if s["name"] == name), None)
+    if reference:
+        for summary in summaries:
+            if summary.get("tokens_per_s"):
+                summary[key] = round(summary["tokens_per_s"] / reference, 3)
+
+
 COLUMNS = [
     ("run", "name"),
     ("tok/s", "tokens_per_s"),
     ("speedup", "speedup"),
+    ("vs llama.cpp", "vs_llamacpp"),
     ("TTFT p50 s", "ttft_s_p50"),
     ("TPOT p50 / p99 s", ("tpot_s_p50", "tpot_s_p99")),
     ("acceptance", "acceptance_rate"),

@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.bench_runners import Generation, Settings
-from draft_node.local_pair import free_port
+from specwire.local_pair import free_port
 
 BUILD_SCRIPT = Path(__file__).parent / "build_llamacpp.sh"
 DEFAULT_BIN = Path.home() / ".cache" / "specwire" / "llama.cpp-11434.0.0" / "build" / "bin"

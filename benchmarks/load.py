@@ -32,8 +32,8 @@ from pathlib import Path
 import grpc
 
 from benchmarks.bench_report import percentile, save_json
-from draft_node.local_pair import local_pair
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
+from specwire.local_pair import local_pair
 
 PROMPTS = ["def add(a, b):", "The quick brown fox", "import numpy as np\n", "class Stack:", "SELECT * FROM"]
 

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import grpc
 
-from draft_node.cli import DEMO_PROMPT
-from draft_node.local_pair import local_pair
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
+from specwire.cli import DEMO_PROMPT
+from specwire.local_pair import local_pair
 
 # name -> (target flags, draft flags, environment)
 SUITES: dict[str, dict[str, tuple[list[str], list[str], dict[str, str]]]] = {

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from benchmarks.bench_report import save_json
-from draft_node.local_pair import local_pair
+from specwire.local_pair import local_pair
 
 PROMPT = "Write a Python function that returns the n-th Fibonacci number iteratively."
 

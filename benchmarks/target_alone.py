@@ -12,9 +12,9 @@ import time
 
 import torch
 
-from draft_node.cli import DEMO_PROMPT
 from services.model_loading import load_model
 from services.small_row_linear import small_row_setting, use_small_row_linears
+from specwire.cli import DEMO_PROMPT
 
 
 def main() -> None:

@@ -21,8 +21,8 @@ from services.candidate_tree import CandidateTree
 from services.kv_cache import truncate_kv
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends import build_verifier
 from target_node.backends.hf import ForwardJob
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from target_node.tree_attention import build_tree_query
 

@@ -43,7 +43,7 @@ class Target:
 
     @modal.enter()
     def load(self) -> None:
-        from target_node.backends import build_verifier
+        from target_node.build import build_verifier
         from target_node.config import TargetConfig
 
         config = TargetConfig(

@@ -15,11 +15,11 @@ from draft_node.config import DraftConfig
 from draft_node.controller import AdaptiveController, FixedController
 from draft_node.detokenizer import IncrementalDetokenizer
 from draft_node.metrics import DraftMetrics
-from draft_node.modal_client import TargetTransport
 from draft_node.proposers import Drafter
 from draft_node.proposers.base import DraftNoise, draft_sampling
 from draft_node.resumable_session import ResumableSession, RetryPolicy
 from draft_node.speculative import RoundOutcome, speculative_rounds
+from draft_node.target_transport import TargetTransport
 from services.errors import FailedPrecondition, InvalidArgument, SpecwireError, rpc_status
 from services.limits import MAX_CANDIDATES, MAX_SPECULATIVE_TOKENS, MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS
 from services.rpc.specwire.v1 import draft_pb2, target_pb2

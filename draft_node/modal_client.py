@@ -17,7 +17,6 @@ from urllib.parse import urlparse
 
 import grpc
 
-from draft_node.target_client import TargetClient
 from services.candidate_tree import CandidateTree
 from services.errors import RemoteCallError, SpecwireError
 from services.rpc.specwire.v1 import target_pb2
@@ -113,5 +112,3 @@ class ModalTargetClient:
     def close(self) -> None:
         """Nothing held locally: Modal manages the connection."""
 
-
-TargetTransport = TargetClient | ModalTargetClient  # what the draft engine talks to the target through

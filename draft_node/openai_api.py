@@ -207,22 +207,130 @@ def single_prompt(prompt: str | list[str] | list[int] | list[list[int]]) -> str 
     return prompt[0]  # type: ignore[return-value]
 
 
-def create_app(
-    engine: DraftEngine,
-    served_model_name: str = "",
-    api_keys: Sequence[bytes] = (),
-    max_generations: int = MAX_HTTP_STREAMS,
-) -> FastAPI:
-    """The API app; the model is named `served_model_name`, or else after the target's model.
-    With `api_keys`, every /v1 call needs `Authorization: Bearer <key>` (as OpenAI clients send).
-    At most `max_generations` completions (streamed or not) run at once; more get HTTP 429."""
-    generations = GenerationThreads(max_generations)
+def completion_body(collected: list[draft_pb2.GenerateChunk], chat: bool, model: str, prompt_tokens: int) -> dict:
+    """A whole (non-streamed) completion, shaped as OpenAI's API returns it."""
+    text = "".join(c.text for c in collected)
+    completion_tokens = sum(len(c.token_ids) for c in collected)
+    finish = collected[-1].finish_reason or "length"
+    choice = (
+        {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
+        if chat
+        else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
+    )
+    return {
+        "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+        },
+    }
 
-    def model_name() -> str:
-        return served_model_name or engine.target_info().model_id
 
-    app = FastAPI(title="specwire draft node", docs_url=None, redoc_url=None)
+def chunk_choice(chunk: draft_pb2.GenerateChunk, chat: bool) -> dict:
+    finish = chunk.finish_reason or None
+    if chat:
+        return {"index": 0, "delta": {"content": chunk.text}, "finish_reason": finish}
+    return {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
 
+
+class Completions:
+    """The two completion endpoints over one draft engine: at most `max_generations` at once (more
+    get HTTP 429), each stopped when its client goes away."""
+
+    def __init__(self, engine: DraftEngine, served_model_name: str, max_generations: int) -> None:
+        self.engine = engine
+        self.served_model_name = served_model_name
+        self.generations = GenerationThreads(max_generations)
+
+    def model_name(self) -> str:
+        return self.served_model_name or self.engine.target_info().model_id
+
+    def token_text(self, token_id: int) -> str:
+        return self.engine.tokenizer.decode([token_id])
+
+    async def respond(self, body: SamplingFields, encode: Callable[[], list[int]], chat: bool, request: Request) -> Any:
+        shown: dict[str, Any] = {}  # set on the worker before its first chunk
+
+        def produce() -> Iterator[draft_pb2.GenerateChunk]:
+            shown["model"] = self.model_name()
+            if body.model not in (None, shown["model"]):
+                raise NotFound(f"model {body.model!r} does not exist; this server serves {shown['model']!r}")
+            prompt_ids = encode()
+            shown["prompt_tokens"] = len(prompt_ids)
+            yield from self.engine.generate(body.generate_request(), prompt_ids)
+
+        stream = self.generations.start(produce)
+        gone = asyncio.ensure_future(until_disconnect(request))
+        handed_over = False  # to the SSE response, which closes the stream itself
+        try:
+            first = await next_unless_gone(stream, gone)  # validation errors surface here, before any response
+            if body.stream:
+                handed_over = True
+                return StreamingResponse(self.events(first, stream, chat, shown), media_type="text/event-stream")
+            collected = [first]
+            while True:
+                try:
+                    collected.append(await next_unless_gone(stream, gone))
+                except StopAsyncIteration:
+                    break
+        except ClientGone:
+            return Response(status_code=499)  # nobody to answer; the generation has stopped
+        finally:
+            gone.cancel()
+            if not handed_over:
+                stream.close()
+        return completion_body(collected, chat, shown["model"], shown["prompt_tokens"])
+
+    async def events(
+        self, first: draft_pb2.GenerateChunk, stream: GenerationStream, chat: bool, shown: dict[str, Any]
+    ) -> AsyncIterator[str]:
+        """The SSE stream: chunks, then `[DONE]`; a failure after the 200 is an error event (as OpenAI
+        sends it) followed by `[DONE]`. A client that goes away stops the generation."""
+        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
+        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": int(time.time()), "model": shown["model"]}  # fmt: skip
+        try:
+            if chat:
+                delta = {"role": "assistant", "content": ""}
+                yield _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
+            chunk = first
+            while True:
+                yield _sse({**head, "choices": [chunk_choice(chunk, chat)], "specwire": chunk_extension(chunk, self.token_text)})
+                try:
+                    chunk = await anext(stream)
+                except StopAsyncIteration:
+                    break
+        except (SpecwireError, grpc.RpcError) as exc:
+            status, message, kind_name = stream_error(exc)
+            yield _sse({"error": {"message": message, "type": kind_name, "code": status}})
+        except Exception:
+            log.exception("generation failed mid-stream")
+            yield _sse({"error": {"message": INTERNAL_DETAILS, "type": "internal_error", "code": 500}})
+        finally:
+            stream.close()  # a client that went away stops the generation and frees its session
+        yield _sse("[DONE]")
+
+    async def completion(self, body: CompletionRequest, request: Request) -> Any:
+        prompt = single_prompt(body.prompt)
+        if isinstance(prompt, str):
+            if not prompt:
+                raise InvalidArgument("prompt is empty")
+            encode = lambda: self.engine.encode_prompt(draft_pb2.GenerateRequest(prompt=prompt))  # noqa: E731
+        else:
+            encode = lambda: self.engine.token_prompt(prompt)  # noqa: E731
+        return await self.respond(body, encode, False, request)
+
+    async def chat_completion(self, body: ChatCompletionRequest, request: Request) -> Any:
+        messages = [m.model_dump() for m in body.messages]
+        return await self.respond(body, lambda: self.engine.encode_chat(messages), True, request)
+
+
+def add_api_key_check(app: FastAPI, api_keys: Sequence[bytes]) -> None:
     @app.middleware("http")
     async def require_api_key(request: Request, call_next: Callable) -> Any:
         if api_keys and request.url.path.startswith("/v1/"):
@@ -230,6 +338,11 @@ def create_app(
             if not key_is_valid(key, api_keys):
                 return error_response(401, UNAUTHENTICATED_DETAILS, "authentication_error")
         return await call_next(request)
+
+
+def add_error_handlers(app: FastAPI) -> None:
+    """Every error as OpenAI's JSON error body: 4xx with the reason, 5xx with a generic message
+    (details in the log)."""
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
@@ -249,6 +362,10 @@ def create_app(
     async def internal_error(request: Request, exc: Exception) -> JSONResponse:
         log.error("internal error serving %s", request.url.path, exc_info=exc)
         return error_response(500, INTERNAL_DETAILS, "internal_error")
+
+
+def add_pages(app: FastAPI, engine: DraftEngine, model_name: Callable[[], str]) -> None:
+    """The playground page, /health and /v1/models."""
 
     @app.get("/", include_in_schema=False)
     def playground() -> FileResponse:
@@ -273,114 +390,23 @@ def create_app(
             "data": [{"id": model_name(), "object": "model", "created": 0, "owned_by": "specwire"}],
         }
 
-    def token_text(token_id: int) -> str:
-        return engine.tokenizer.decode([token_id])
 
-    async def respond(
-        body: SamplingFields, encode: Callable[[], list[int]], chat: bool, request: Request
-    ) -> Any:
-        shown: dict[str, Any] = {}  # set on the worker before its first chunk
-
-        def produce() -> Iterator[draft_pb2.GenerateChunk]:
-            shown["model"] = model_name()
-            if body.model not in (None, shown["model"]):
-                raise NotFound(f"model {body.model!r} does not exist; this server serves {shown['model']!r}")
-            prompt_ids = encode()
-            shown["prompt_tokens"] = len(prompt_ids)
-            yield from engine.generate(body.generate_request(), prompt_ids)
-
-        stream = generations.start(produce)
-        gone = asyncio.ensure_future(until_disconnect(request))
-        handed_over = False  # to the SSE response, which closes the stream itself
-        try:
-            first = await next_unless_gone(stream, gone)  # validation errors surface here, before any response
-            if body.stream:
-                handed_over = True
-                return StreamingResponse(events(first, stream, chat, shown), media_type="text/event-stream")
-            collected = [first]
-            while True:
-                try:
-                    collected.append(await next_unless_gone(stream, gone))
-                except StopAsyncIteration:
-                    break
-        except ClientGone:
-            return Response(status_code=499)  # nobody to answer; the generation has stopped
-        finally:
-            gone.cancel()
-            if not handed_over:
-                stream.close()
-        text = "".join(c.text for c in collected)
-        completion_tokens = sum(len(c.token_ids) for c in collected)
-        finish = collected[-1].finish_reason or "length"
-        choice = (
-            {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
-            if chat
-            else {"index": 0, "text": text, "finish_reason": finish, "logprobs": None}
-        )
-        return {
-            "id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}",
-            "object": "chat.completion" if chat else "text_completion",
-            "created": int(time.time()),
-            "model": shown["model"],
-            "choices": [choice],
-            "usage": {
-                "prompt_tokens": shown["prompt_tokens"],
-                "completion_tokens": completion_tokens,
-                "total_tokens": shown["prompt_tokens"] + completion_tokens,
-            },
-        }
-
-    async def events(
-        first: draft_pb2.GenerateChunk, stream: GenerationStream, chat: bool, shown: dict[str, Any]
-    ) -> AsyncIterator[str]:
-        """The SSE stream: chunks, then `[DONE]`; a failure after the 200 is an error event (as OpenAI
-        sends it) followed by `[DONE]`. A client that goes away stops the generation."""
-        rid = f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex}"
-        head = {"id": rid, "object": "chat.completion.chunk" if chat else "text_completion",
-                "created": int(time.time()), "model": shown["model"]}  # fmt: skip
-        try:
-            if chat:
-                delta = {"role": "assistant", "content": ""}
-                yield _sse({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]})
-            chunk = first
-            while True:
-                finish = chunk.finish_reason or None
-                choice = (
-                    {"index": 0, "delta": {"content": chunk.text}, "finish_reason": finish}
-                    if chat
-                    else {"index": 0, "text": chunk.text, "finish_reason": finish, "logprobs": None}
-                )
-                yield _sse({**head, "choices": [choice], "specwire": chunk_extension(chunk, token_text)})
-                try:
-                    chunk = await anext(stream)
-                except StopAsyncIteration:
-                    break
-        except (SpecwireError, grpc.RpcError) as exc:
-            status, message, kind_name = stream_error(exc)
-            yield _sse({"error": {"message": message, "type": kind_name, "code": status}})
-        except Exception:
-            log.exception("generation failed mid-stream")
-            yield _sse({"error": {"message": INTERNAL_DETAILS, "type": "internal_error", "code": 500}})
-        finally:
-            stream.close()  # a client that went away stops the generation and frees its session
-        yield _sse("[DONE]")
-
-    @app.post("/v1/completions")
-    async def completions(body: CompletionRequest, request: Request) -> Any:
-        prompt = single_prompt(body.prompt)
-        if isinstance(prompt, str):
-            if not prompt:
-                raise InvalidArgument("prompt is empty")
-            return await respond(
-                body, lambda: engine.encode_prompt(draft_pb2.GenerateRequest(prompt=prompt)), False, request
-            )
-        return await respond(body, lambda: engine.token_prompt(prompt), False, request)
-
-    @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Any:
-        messages = [m.model_dump() for m in body.messages]
-        return await respond(body, lambda: engine.encode_chat(messages), True, request)
-
+def create_app(
+    engine: DraftEngine,
+    served_model_name: str = "",
+    api_keys: Sequence[bytes] = (),
+    max_generations: int = MAX_HTTP_STREAMS,
+) -> FastAPI:
+    """The API app; the model is named `served_model_name`, or else after the target's model.
+    With `api_keys`, every /v1 call needs `Authorization: Bearer <key>` (as OpenAI clients send).
+    At most `max_generations` completions (streamed or not) run at once; more get HTTP 429."""
+    app = FastAPI(title="specwire draft node", docs_url=None, redoc_url=None)
+    completions = Completions(engine, served_model_name, max_generations)
+    add_api_key_check(app, api_keys)
+    add_error_handlers(app)
+    add_pages(app, engine, completions.model_name)
+    app.post("/v1/completions")(completions.completion)
+    app.post("/v1/chat/completions")(completions.chat_completion)
     return app
 
 

@@ -20,7 +20,7 @@ from typing import TypeVar
 
 import grpc
 
-from draft_node.modal_client import TargetTransport
+from draft_node.target_transport import TargetTransport
 from services.candidate_tree import CandidateTree
 from services.errors import retry_hint_s, rpc_status
 from services.rpc.specwire.v1 import target_pb2

@@ -10,11 +10,12 @@ from prometheus_client import CollectorRegistry
 from draft_node.config import DraftConfig
 from draft_node.engine import DraftEngine
 from draft_node.metrics import DraftMetrics
-from draft_node.modal_client import ModalTargetClient, TargetTransport
+from draft_node.modal_client import ModalTargetClient
 from draft_node.openai_api import HttpServer, create_app
 from draft_node.proposers import load_drafter
 from draft_node.servicer import DraftServicer
 from draft_node.target_client import TargetClient
+from draft_node.target_transport import TargetTransport
 from services.errors import FailedPrecondition
 from services.grpc_server import RunningServer, start_node
 from services.model_loading import LoadedModel

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Protocol
 
 from draft_node.proposers.base import Proposer
+from draft_node.target_transport import VerifySession
 from services.candidate_tree import CandidateTree
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 
@@ -26,10 +27,6 @@ class Controller(Protocol):
     def choose(self) -> tuple[int, int]: ...
 
     def observe(self, arm: tuple[int, int], committed: int, seconds: float) -> None: ...
-
-
-class Verifier(Protocol):
-    def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse: ...
 
 
 @dataclass
@@ -100,7 +97,7 @@ def committed_provenance(
 
 def speculative_rounds(
     proposer: Proposer,
-    target: Verifier,
+    target: VerifySession,
     context: list[int],
     controller: Controller,
     max_new_tokens: int,

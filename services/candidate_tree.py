@@ -72,6 +72,20 @@ class CandidateTree:
                 path.append(node)
         return path
 
+    def longest_accepted_path_end(self, acceptable: Sequence[bool]) -> int:
+        """End node of the longest root path whose nodes are all acceptable (ROOT if none): THE
+        tie-break of every verify path (strategies, backends, the torch/Triton/CUDA kernels, the
+        verifier's candidate ranking): among equally long paths, the lowest end node index."""
+        best, best_depth = ROOT, 0
+        depth: list[int] = []  # depth of the node's fully acceptable root path, 0 where there is none
+        for node, parent in enumerate(self.parents):
+            above = 0 if parent == ROOT else depth[parent]
+            reachable = acceptable[node] and (parent == ROOT or above > 0)
+            depth.append(above + 1 if reachable else 0)
+            if depth[node] > best_depth:  # strictly longer: an equal one found later has a higher index
+                best, best_depth = node, depth[node]
+        return best
+
     def truncated(self, max_depth: int) -> CandidateTree:
         """The trie without nodes deeper than `max_depth` (a prefix of the node order stays valid)."""
         depths = self.depths()

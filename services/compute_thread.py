@@ -26,11 +26,6 @@ class ComputeThread:
         self._executor = ThreadPoolExecutor(1, thread_name_prefix=name)
         self._ident = self._executor.submit(threading.get_ident).result()
 
-    @property
-    def ident(self) -> int:
-        """The thread's `threading.get_ident()`."""
-        return self._ident
-
     def run(self, fn: Callable[P, R], *args: P.args, **kwargs: P.kwargs) -> R:
         """`fn(*args, **kwargs)` on the compute thread, blocking until it returns (or raises);
         called from the compute thread itself, it runs at once."""

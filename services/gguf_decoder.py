@@ -31,12 +31,14 @@ from services.sampling import top1
 log = logging.getLogger(__name__)
 
 
+KERNEL_SOURCES = ("gguf_matmul.cpp", "decoder_ops.cpp", "bindings.cpp")
+KERNEL_FLAGS = ("-O3", "-ffp-contract=off", "-fopenmp")
+
+
 @functools.cache
 def kernels() -> ModuleType:
-    """The CPU kernels (built for this machine's instruction set on first use, about a minute)."""
-    return load_extension(
-        "decoder", ["gguf_matmul.cpp", "decoder_ops.cpp", "bindings.cpp"], ["-O3", "-march=native", "-ffp-contract=off", "-fopenmp"]
-    )
+    """The CPU kernels (built for this machine's instruction sets on first use, about a minute)."""
+    return load_extension("decoder", KERNEL_SOURCES, KERNEL_FLAGS, isa=True)
 
 
 @dataclass(frozen=True)

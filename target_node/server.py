@@ -7,7 +7,7 @@ import logging
 from services.grpc_server import RunningServer, start_node
 from services.model_loading import LoadedModel
 from services.rpc.specwire.v1 import target_pb2, target_pb2_grpc
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from target_node.servicer import TargetServicer
 from target_node.verifier import Verifier

@@ -6,7 +6,7 @@ import logging
 import secrets
 import time
 
-from services.candidate_tree import CandidateTree, check_tree_sizes
+from services.candidate_tree import ROOT, CandidateTree, check_tree_sizes
 from services.errors import FailedPrecondition, InvalidArgument, NotFound, OutOfRange
 from services.limits import MEMORY_BUDGET_FRACTION, mb_to_bytes
 from services.rpc.specwire.v1 import target_pb2
@@ -22,11 +22,13 @@ log = logging.getLogger(__name__)
 
 
 def candidate_results(tree: CandidateTree, result: RoundResult) -> list[target_pb2.CandidateResult]:
-    """Per leaf: how many leading tokens were accepted and their target logprob; best first."""
-    results = []
+    """Per leaf: how many leading tokens were accepted and their target logprob; best first, by the
+    one tie-break (longest accepted prefix, then the lowest index of its end node, then the leaf)."""
+    results, ends = [], {}
     for leaf in sorted(set(range(len(tree))) - set(tree.parents)):
         path = tree.path_to(leaf)
         accepted = next((i for i, node in enumerate(path) if not result.decision.acceptable[node]), len(path))
+        ends[leaf] = path[accepted - 1] if accepted else ROOT
         results.append(
             target_pb2.CandidateResult(
                 leaf_node_id=leaf,
@@ -35,7 +37,7 @@ def candidate_results(tree: CandidateTree, result: RoundResult) -> list[target_p
                 target_logprob=sum(result.node_logprobs[node] for node in path[:accepted]),
             )
         )
-    return sorted(results, key=lambda r: (-r.accepted_length, -r.target_logprob, r.leaf_node_id))
+    return sorted(results, key=lambda r: (-r.accepted_length, ends[r.leaf_node_id], r.leaf_node_id))
 
 
 def memory_budget_bytes(budget_mb: float, backend: VerifyBackend) -> int:
@@ -51,14 +53,12 @@ class Verifier:
         backend: VerifyBackend,
         model_id: str,
         fingerprint: str,
-        eos_token_id: int | None,
         config: TargetConfig,
         metrics: TargetMetrics,
     ) -> None:
         self.backend = backend
         self.model_id = model_id
         self.fingerprint = fingerprint
-        self.eos_token_id = eos_token_id
         self.vocab_size = backend.vocab_size
         self.config = config
         self.max_context = min(config.max_context_tokens or backend.max_context, backend.max_context)
@@ -96,7 +96,6 @@ class Verifier:
                 max_sessions=self.config.max_sessions,
                 session_ttl_s=self.config.session_ttl_s,
             ),
-            eos_token_id=self.eos_token_id,
         )
 
     def open_session(

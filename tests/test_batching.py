@@ -10,8 +10,8 @@ from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
 from services.errors import Unavailable
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends import build_verifier
 from target_node.backends.hf import check_tree_attention
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from tests.helpers import target_only_greedy
 

@@ -17,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from services.model_loading import resolve_device
 
 pytestmark = pytest.mark.slow
-CLI = [sys.executable, "-m", "draft_node.cli"]
+CLI = [sys.executable, "-m", "specwire.cli"]
 
 
 def free_port() -> int:
@@ -119,7 +119,7 @@ def test_target_draft_generate_as_separate_processes(tiny):
             "--num-speculative-tokens",
             "4",
             "--weights",
-            "model",  # the very numbers of the target: every draft token is accepted
+            "fp32",  # the very numbers of the target: every draft token is accepted
             "--metrics-port",
             str(draft_metrics),
             "--http-port",

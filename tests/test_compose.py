@@ -113,10 +113,13 @@ def test_chat_completion_through_port_8000_equals_the_target_alone(stack):
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
 
 
-def test_runtime_image_loads_the_prebuilt_kernel_without_a_compiler(stack):
-    probe = "import shutil; from services.small_row_linear import cpu_extension as c; print(shutil.which('c++'), c())"
+def test_runtime_image_loads_the_prebuilt_kernels_without_a_compiler(stack):
+    probe = (
+        "import shutil; from services.small_row_linear import cpu_extension as c; from services.gguf_decoder import kernels;"
+        " print(shutil.which('c++'), c(), kernels())"
+    )
     out = compose("exec", "-T", "target", "python", "-c", probe, timeout=120).stdout
-    assert out.startswith("None <module") and ".so" in out, out
+    assert out.startswith("None <module") and out.count(".so") == 2 and "specwire_decoder_" in out, out
 
 
 def scraped(query: str, deadline_s: float = 60) -> list[dict]:

@@ -14,15 +14,16 @@ from services.candidate_tree import CandidateTree
 from services.compute_thread import ComputeThread
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from tests.test_verifier import open_session, verify
 
 
 def test_run_returns_raises_and_nests() -> None:
     compute = ComputeThread("test-compute")
-    assert compute.run(threading.get_ident) == compute.ident != threading.get_ident()
-    assert compute.run(compute.run, lambda: threading.get_ident()) == compute.ident  # no deadlock
+    ident = compute.run(threading.get_ident)
+    assert ident != threading.get_ident() and compute.run(threading.get_ident) == ident
+    assert compute.run(compute.run, lambda: threading.get_ident()) == ident  # no deadlock
     with pytest.raises(ValueError, match="boom"):
         compute.run(lambda: (_ for _ in ()).throw(ValueError("boom")))
     assert compute.run(sum, [1, 2], start=3) == 6
@@ -45,7 +46,7 @@ def test_target_prefill_and_verify_forwards_run_on_the_compute_thread(tiny) -> N
         for round_id in range(3):
             verify(verifier, opened.session_id, round_id, CandidateTree.from_sequences([[9, 10, 11]]))
         assert len(threads) == 4
-        assert set(threads) == {verifier.backend.compute.ident}
+        assert set(threads) == {verifier.backend.compute.run(threading.get_ident)}
     finally:
         verifier.stop()
 

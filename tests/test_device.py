@@ -14,7 +14,7 @@ from draft_node.config import DraftConfig
 from services.candidate_tree import CandidateTree
 from services.model_loading import load_model, resolve_device
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from target_node.strategies import STRATEGIES
 

@@ -17,7 +17,7 @@ from draft_node.speculative import draft_ahead
 from services.compute_thread import ComputeThread
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from tests.helpers import collect, forget_sessions_at
 

@@ -32,7 +32,7 @@ def start_target_process(model: str, port: int) -> subprocess.Popen:
         [
             sys.executable,
             "-m",
-            "draft_node.cli",
+            "specwire.cli",
             "target",
             "--model",
             model,

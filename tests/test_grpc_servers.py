@@ -109,7 +109,7 @@ def test_mismatched_tokenizer_is_refused_at_start(target_model, tiny):
 
 def test_draft_starts_before_its_target(tiny, target_model):
     """A target that is not up yet is no reason to refuse: the first request, once it is up, works."""
-    from draft_node.local_pair import free_port
+    from specwire.local_pair import free_port
 
     port = free_port()
     config = DraftConfig(model=tiny.draft_noisy, port=0, metrics_port=-1, http_port=-1, target=f"127.0.0.1:{port}")
@@ -130,8 +130,8 @@ def test_a_target_that_comes_up_half_a_minute_late_is_found_within_seconds(targe
     failed for a minute although the target was up (docker compose, first start)."""
     import time
 
-    from draft_node.local_pair import free_port
     from draft_node.target_client import TargetClient
+    from specwire.local_pair import free_port
 
     port = free_port()
     client = TargetClient(f"127.0.0.1:{port}", unary_timeout_s=2)

@@ -17,7 +17,7 @@ import tests.test_verifier as verifier_tests
 from services.candidate_tree import ROOT, CandidateTree, SparseProbs
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from target_node.kernels import TorchKernels, load_kernels, pack_draft_q, pack_trees
 from target_node.kernels.cuda_ext import CUDA_DIR

@@ -14,7 +14,7 @@ from services.candidate_tree import CandidateTree, SparseProbs
 from services.errors import InvalidArgument, NotFound, ResourceExhausted, SpecwireError
 from services.limits import MAX_Q_SUPPORT
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from tests.helpers import collect, forget_sessions_at, target_only_greedy
 from tests.test_verifier import open_session, verify

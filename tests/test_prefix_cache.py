@@ -10,7 +10,7 @@ from services.compute_thread import ComputeThread
 from services.kv_cache import kv_tensors, new_kv_cache
 from services.model_loading import load_model
 from services.prefix_cache import PrefixCache, shared_length
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from tests.helpers import collect, target_only_greedy
 from tests.test_verifier import open_session

@@ -196,16 +196,6 @@ def test_lossy_acceptance_is_monotone_in_threshold(name, sweep, direction):
     assert accepted[0] != accepted[-1], "the sweep should change acceptance"
 
 
-def test_lossy_strategy_breaks_ties_by_target_logprob():
-    logits = torch.zeros(5, VOCAB)
-    logits[0, 1], logits[0, 2] = 3.0, 2.0  # both root children are in the top-3, node 0 more likely
-    tree = CandidateTree.from_sequences([[2], [1]])  # node 0: token 2, node 1: token 1
-    decision = make_strategy("topk", target_pb2.SamplingParams()).evaluate_posterior(
-        logits[:3], tree, NOISE, 0
-    )
-    assert decision.accepted_nodes == [1]
-
-
 @pytest.mark.parametrize(
     ("name", "sampling", "params"),
     [

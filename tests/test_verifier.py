@@ -21,7 +21,7 @@ from services.kv_cache import (
 )
 from services.rpc.specwire.v1 import target_pb2
 from services.token_noise import TokenNoise
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from target_node.session import SessionStore
 from tests.helpers import target_only_greedy

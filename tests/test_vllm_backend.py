@@ -7,7 +7,7 @@ import pytest
 from services.candidate_tree import CandidateTree
 from services.errors import InvalidArgument
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends import build_verifier
+from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from tests.conftest import start_pair
 from tests.helpers import collect, target_only_greedy

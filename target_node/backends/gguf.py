@@ -46,7 +46,7 @@ class PrefillJob:
         if session.cache.length < session.context_length:
             return False
         self.prefix_cache.store(session.token_ids, session.cache)
-        self.result = session.strategy.first_token(logits[-1], session.noise, session.context_length)
+        self.result = session.strategy.sample_token(logits[-1], session.noise, session.context_length)
         return True
 
 

@@ -113,7 +113,7 @@ class HFBackend(VerifyBackend):
             logits_to_keep=1,
         )
         self.prefix_cache.store(session.token_ids, session.cache)
-        return session.strategy.first_token(out.logits[0, -1].float(), session.noise, session.context_length)
+        return session.strategy.sample_token(out.logits[0, -1].float(), session.noise, session.context_length)
 
     def verify(self, session: Session, tree: CandidateTree) -> RoundResult:
         prefix = session.context_length
@@ -131,13 +131,13 @@ class HFBackend(VerifyBackend):
         """The strategy's decision on the tree's logits, and the cache compacted to its path."""
         prefix = session.context_length
         decision = session.strategy.evaluate_posterior(logits, tree, session.noise, prefix + 1)
-        self.update_inference_inputs(session.cache, prefix + 1, decision.accepted_nodes)
+        self.compact_kv_cache(session.cache, prefix + 1, decision.accepted_nodes)
         end_row = decision.accepted_nodes[-1] + 1 if decision.accepted_nodes else 0
         next_logprob = float(logits[end_row].float().log_softmax(-1)[decision.next_token])
         return RoundResult(decision, node_logprobs(logits, tree).tolist(), batch_size, next_logprob)
 
     @torch.inference_mode()
-    def update_inference_inputs(self, cache: DynamicCache, kept: int, accepted_nodes: list[int]) -> None:
+    def compact_kv_cache(self, cache: DynamicCache, kept: int, accepted_nodes: list[int]) -> None:
         """Keep the first `kept` cache positions and the accepted path's nodes, dropping the rest
         of the trie (node i sits at position kept + i). Nodes already in place (a chain's leading
         nodes, every accepted node of a single candidate) are not moved."""

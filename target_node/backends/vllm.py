@@ -17,7 +17,7 @@ from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
 from target_node.session import Session
 from target_node.strategies import DeterministicStrategy
-from target_node.strategies.base import decision_for, longest_acceptable_path
+from target_node.strategies.base import decision_for
 
 
 def top1(entry: dict) -> int:
@@ -69,7 +69,7 @@ class VllmBackend(VerifyBackend):
                 last = depth + 1 == len(path)
                 after[node] = out.outputs[0].token_ids[0] if last else top1(out.prompt_logprobs[position + 1])
         acceptable = [tree.token_ids[n] == after[p] for n, p in enumerate(tree.parents)]
-        end = longest_acceptable_path(tree, acceptable, logprobs)
+        end = tree.longest_accepted_path_end(acceptable)
         return RoundResult(decision_for(tree, end, after[end], acceptable), logprobs, batch_size)
 
     def describe(self) -> dict[str, str]:

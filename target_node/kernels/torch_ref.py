@@ -29,7 +29,8 @@ def root_paths(accepted: torch.Tensor, parents: torch.Tensor, valid: torch.Tenso
 
 
 def longest_path_end(reach: torch.Tensor, depth: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Deepest reachable node per row (lowest index on ties; -1 and 0 when none)."""
+    """Deepest reachable node per row, ties to the lowest index (-1 and 0 when none): the rule of
+    `CandidateTree.longest_accepted_path_end`."""
     key = torch.where(reach, depth, 0)
     length = key.max(1).values if key.shape[1] else torch.zeros(key.shape[0], dtype=torch.long, device=key.device)
     index = torch.arange(key.shape[1], device=key.device).expand_as(key)

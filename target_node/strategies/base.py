@@ -14,7 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from services.candidate_tree import ROOT, CandidateTree
+from services.candidate_tree import CandidateTree
 from services.rpc.specwire.v1 import target_pb2
 from services.sampling import check_sampling, target_probs, top1
 from services.token_noise import TokenNoise
@@ -56,16 +56,11 @@ class Strategy(ABC):
     ) -> None:
         check_sampling(sampling)
         self.sampling = sampling
-        self.params = params
         self.kernels = kernels or TorchKernels()
         self.configure(params)
 
     def configure(self, params: target_pb2.StrategyParams) -> None:  # noqa: B027 - optional hook
         """Read and check this strategy's own parameters (raise InvalidArgument)."""
-
-    def first_token(self, logits: torch.Tensor, noise: TokenNoise, position: int) -> int:
-        """The target's token after the prompt (`logits`: the last prompt position)."""
-        return self.sample_token(logits, noise, position)
 
     def sample_token(self, logits: torch.Tensor, noise: TokenNoise, position: int) -> int:
         """The target's own choice for the token at `position`: argmax when greedy, else Gumbel-max
@@ -82,8 +77,9 @@ class Strategy(ABC):
 
 
 class NodewiseStrategy(Strategy):
-    """Judge every node by a rule on its parent's row; the longest acceptable path wins, ties broken by
-    target logprob sum; the next token is sampled from the target at the path's end."""
+    """Judge every node by a rule on its parent's row; the longest acceptable path wins (the one
+    tie-break: `CandidateTree.longest_accepted_path_end`); the next token is sampled from the target
+    at the path's end."""
 
     @abstractmethod
     def accept(self, logits: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
@@ -96,26 +92,9 @@ class NodewiseStrategy(Strategy):
         if len(tree):
             rows = logits[parent_rows(tree, logits.device)].float()
             acceptable = self.accept(rows, torch.tensor(tree.token_ids, device=logits.device)).tolist()
-        best = longest_acceptable_path(tree, acceptable, node_logprobs(logits, tree).tolist())
+        best = tree.longest_accepted_path_end(acceptable)
         next_token = self.sample_token(logits[best + 1].float(), noise, position + len(tree.path_to(best)))
         return decision_for(tree, best, next_token, acceptable)
-
-
-def longest_acceptable_path(tree: CandidateTree, acceptable: list[bool], logprobs: list[float]) -> int:
-    """End node of the longest root path whose nodes are all acceptable (ROOT if none); ties go to
-    the higher target logprob sum."""
-    best, best_score = ROOT, (0, 0.0)
-    reach: list[tuple[int, float] | None] = []  # (depth, logprob sum) of fully acceptable paths
-    for node, parent in enumerate(tree.parents):
-        above = (0, 0.0) if parent == ROOT else reach[parent]
-        if not acceptable[node] or above is None:
-            reach.append(None)
-            continue
-        score = (above[0] + 1, above[1] + logprobs[node])
-        reach.append(score)
-        if score > best_score:
-            best, best_score = node, score
-    return best
 
 
 def decision_for(tree: CandidateTree, end: int, next_token: int, acceptable: list[bool]) -> Decision:

@@ -14,7 +14,7 @@ import torch
 
 from services.candidate_tree import CandidateTree
 from services.token_noise import TokenNoise
-from target_node.strategies.base import Decision, Strategy, decision_for, longest_acceptable_path
+from target_node.strategies.base import Decision, Strategy, decision_for
 
 
 class GumbelStrategy(Strategy):
@@ -27,5 +27,5 @@ class GumbelStrategy(Strategy):
         row_depths = [0, *tree.depths()]  # the row after a node at depth d decides position + d
         chosen = [self.sample_token(logits[row].float(), noise, position + d) for row, d in enumerate(row_depths)]
         acceptable = [token == chosen[parent + 1] for parent, token in zip(tree.parents, tree.token_ids, strict=True)]
-        end = longest_acceptable_path(tree, acceptable, [0.0] * len(tree))
+        end = tree.longest_accepted_path_end(acceptable)
         return decision_for(tree, end, chosen[end + 1], acceptable)

@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from services.channels import is_serving
+
 
 @dataclass
 class LocalPair:
@@ -39,8 +41,6 @@ def _tail(path: Path, lines: int = 30) -> str:
 
 
 def _wait_serving(address: str, process: subprocess.Popen, log: Path, timeout_s: float) -> None:
-    from draft_node.cli import is_serving
-
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:
@@ -80,7 +80,7 @@ def local_pair(
     target_port, draft_port = free_port(), free_port()
     http_port = (http_port or free_port()) if http else None
     metrics_ports = {"target": free_port(), "draft": free_port()} if metrics else {}
-    cli = [sys.executable, "-m", "draft_node.cli"]
+    cli = [sys.executable, "-m", "specwire"]
     commands = {
         "target": [
             *cli, "target", "--port", str(target_port), "--metrics-port", str(metrics_ports.get("target", -1)),

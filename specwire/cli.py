@@ -3,45 +3,23 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import os
-import signal
 import sys
-import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from draft_node.config import DraftConfig
-from draft_node.local_pair import local_pair
-from services.config import NodeConfig
+from services.channels import is_serving, open_channel
+from services.node_process import run_node, serve_until_signal
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
-from services.security import auth_metadata, channel_credentials
+from services.security import auth_metadata
+from specwire.local_pair import local_pair
 from target_node.config import TargetConfig
 
 DEMO_PROMPT = "Write a Python function that returns the n-th Fibonacci number."
-
-
-def _setup_logging(level: str) -> None:
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-
-
-def _use_threads(config: NodeConfig) -> None:
-    if config.threads:
-        import torch
-
-        torch.set_num_threads(config.threads)
-
-
-def _serve_until_signal(stop: Callable[[], None]) -> None:
-    done = threading.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: done.set())
-    done.wait()
-    stop()
 
 
 def stream_generate(
@@ -86,25 +64,6 @@ def stream_generate(
             else {}
         ),
     }
-
-
-def open_channel(address: str, tls_ca: Path | None = None) -> grpc.Channel:
-    """A blocking channel, over TLS when the CA to trust is given."""
-    if tls_ca is None:
-        return grpc.insecure_channel(address)
-    return grpc.secure_channel(address, channel_credentials(tls_ca))
-
-
-def is_serving(address: str, timeout_s: float, tls_ca: Path | None = None) -> bool:
-    """True when the gRPC health service at `address` reports SERVING."""
-    with open_channel(address, tls_ca) as channel:
-        try:
-            reply = health_pb2_grpc.HealthStub(channel).Check(
-                health_pb2.HealthCheckRequest(), timeout=timeout_s
-            )
-        except grpc.RpcError:
-            return False
-    return reply.status == health_pb2.HealthCheckResponse.SERVING
 
 
 def _print_summary(summary: dict) -> None:
@@ -166,19 +125,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "target":
         from target_node.server import start_target
 
-        config = TargetConfig.from_cli(rest, "specwire target")
-        _setup_logging(config.log_level)
-        _use_threads(config)
-        running = start_target(config)
-        _serve_until_signal(running.stop)
+        return run_node("specwire target", TargetConfig, start_target, rest)
     elif args.command == "draft":
         from draft_node.server import start_draft
 
-        config = DraftConfig.from_cli(rest, "specwire draft")
-        _setup_logging(config.log_level)
-        _use_threads(config)
-        running = start_draft(config)
-        _serve_until_signal(running.stop)
+        return run_node("specwire draft", DraftConfig, start_draft, rest)
     elif rest:
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     elif args.command == "health":
@@ -202,7 +153,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 )
             if args.serve:
                 print(f"serving; open http://127.0.0.1:{pair.http_port}/ (Ctrl-C stops both nodes)", file=sys.stderr)
-                _serve_until_signal(lambda: None)
+                serve_until_signal(lambda: None)
     return 0
 
 

@@ -1,0 +1,1 @@
+"""The `specwire` command and the local draft+target pair: the layer above both nodes."""

@@ -1,0 +1,5 @@
+import sys
+
+from specwire.cli import main
+
+sys.exit(main())
