@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import signal
+import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
@@ -38,6 +39,20 @@ def serve_until_signal(stop: Callable[[], None]) -> None:
     stop()
 
 
+def port_in_use(host: str, port: int) -> str | None:
+    """Why the gRPC port cannot be bound (checked before minutes of model loading), or None."""
+    if port == 0:
+        return None
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds
+        try:
+            probe.bind((host, port))
+        except OSError as exc:
+            return exc.strerror or str(exc)
+    return None
+
+
 def run_node(prog: str, config_type: type[C], start: Callable[[C], Any], argv: Sequence[str]) -> int:
     """Exit status: 0 after a clean stop, 1 when the node could not start (2: bad flags, argparse's)."""
     try:
@@ -51,6 +66,9 @@ def run_node(prog: str, config_type: type[C], start: Callable[[C], Any], argv: S
         import torch
 
         torch.set_num_threads(config.threads)
+    if (busy := port_in_use(config.host, config.port)) is not None:
+        print(f"{prog}: error: cannot listen on {config.host}:{config.port}: {busy}", file=sys.stderr)
+        return 1
     try:
         running = start(config)
     except Exception as exc:  # noqa: BLE001 - any refusal: one line for the user, the traceback in debug

@@ -179,8 +179,39 @@ def test_target_draft_generate_as_separate_processes(tiny):
 def test_health_check_does_not_import_torch():
     """Compose runs `specwire health` every few seconds beside the nodes: it must stay light."""
     code = (
-        "import sys; from draft_node import cli; "
+        "import sys; from specwire import cli; "
         "assert cli.main(['health', '127.0.0.1:1', '--timeout', '0.2']) == 1; "
         "heavy = sorted({'torch', 'transformers'} & set(sys.modules)); assert not heavy, heavy"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+@pytest.mark.parametrize(
+    ("args", "status", "says"),
+    [
+        (["target", "--model", "/no/such/model"], 1, "neither a HF model directory"),
+        (["target", "--port", "not-a-port"], 2, "--port"),
+        (["draft", "--num-speculative-tokens", "-3"], 2, "--num-speculative-tokens"),
+    ],
+)
+def test_a_start_up_refusal_is_one_line_and_no_traceback(args, status, says):
+    result = subprocess.run([*CLI, *args, "--metrics-port", "-1"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == status, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert "Traceback" not in result.stderr and len(lines) == 1 and says in lines[0], result.stderr
+
+
+def test_a_port_in_use_is_refused_in_one_line(tiny):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = subprocess.run(
+            [*CLI, "target", "--model", tiny.target, "--port", str(port), "--metrics-port", "-1"],
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+    assert result.returncode == 1, result.stderr
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert "Traceback" not in result.stderr and len(errors) == 1 and str(port) in errors[0], result.stderr
