@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-models install-vllm install-tools llamacpp proto dashboards lint test test-fast run bench
+.PHONY: install install-models install-vllm install-tools llamacpp proto dashboards lint test test-fast check-cuda-image run bench
 
 install:            ## runtime + dev dependencies (CPU torch from the local wheel)
 	$(PIP) install -q -e ".[dev,bench]"
@@ -27,11 +27,14 @@ proto:              ## regenerate services/rpc from proto/ (checked in)
 lint:
 	$(PYTHON) -m ruff check .
 
-test: install-models install-vllm install-tools lint   ## everything: real weights, vLLM, deploy checks
-	$(PYTHON) -m pytest -q --durations=25
+test: install-models install-vllm install-tools lint   ## everything but release checks: real weights, vLLM, deploy checks
+	$(PYTHON) -m pytest -q --durations=25 -m "not release"
+
+check-cuda-image: install-tools  ## release check: build deploy/Dockerfile.cuda (CUDA torch + vLLM, gigabytes) and check its CUDA version
+	$(PYTHON) -m pytest -q -m release tests/test_compose.py
 
 test-fast: install lint     ## tiny models only (no vLLM, deploy-tool or real-weights tests)
-	$(PYTHON) -m pytest -q -m "not real and not slow" --ignore tests/test_vllm_backend.py --ignore tests/test_deploy.py
+	$(PYTHON) -m pytest -q -m "not real and not slow and not release" --ignore tests/test_vllm_backend.py --ignore tests/test_deploy.py
 
 run: install-models         ## a local draft+target pair on the real Qwen2.5-Coder 0.5B -> 1.5B, then the playground
 	$(PYTHON) -m specwire demo --serve

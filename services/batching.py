@@ -1,6 +1,7 @@
-"""Micro-batching: requests that arrive while a batch runs (or within `max_wait_s` of each other)
-are run together by one call of `run_batch`. If a batch fails, each request is retried alone, so
-no request fails because of another one."""
+"""Micro-batching: requests that arrive while a batch runs are run together by one call of
+`run_batch`. A batch waits (up to `max_wait_s`) only for requests already being submitted, never
+when its requests are all there are: one session verifying alone pays no wait. If a batch fails,
+each request is retried alone, so no request fails because of another one."""
 
 from __future__ import annotations
 
@@ -37,6 +38,8 @@ class MicroBatcher(Generic[JobT, ResultT]):
         self.on_retry_alone = on_retry_alone  # undo what a failed batch may have done to a job
         self._jobs: queue.Queue[tuple[JobT, Future] | None] = queue.Queue()
         self._stopped = threading.Event()
+        self._arriving = 0  # jobs submitted and not yet taken into a batch
+        self._lock = threading.Lock()
         started: Future = Future()
         self._worker = threading.Thread(target=self._loop, args=(on_start, started), name=name, daemon=True)
         self._worker.start()
@@ -45,6 +48,8 @@ class MicroBatcher(Generic[JobT, ResultT]):
     def submit(self, job: JobT) -> tuple[ResultT, int]:
         """Blocking: the job's result and the size of the batch it ran in."""
         future: Future = Future()
+        with self._lock:
+            self._arriving += 1
         self._jobs.put((job, future))
         if self._stopped.is_set():
             self._fail_queued()  # the worker may be gone: nobody else would answer this job
@@ -73,12 +78,12 @@ class MicroBatcher(Generic[JobT, ResultT]):
             started.set_exception(exc)
             return
         started.set_result(None)
-        while not self._stopped.is_set() and (first := self._jobs.get()) is not None:
+        while not self._stopped.is_set() and (first := self._take()) is not None:
             batch = [first]
             deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch_size:
+            while len(batch) < self.max_batch_size and self._arriving > 0:
                 try:
-                    item = self._jobs.get(timeout=max(0.0, deadline - time.monotonic()))
+                    item = self._take(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:
                     break
                 if item is None:
@@ -86,6 +91,13 @@ class MicroBatcher(Generic[JobT, ResultT]):
                     break
                 batch.append(item)
             self._run(batch)
+
+    def _take(self, timeout: float | None = None) -> tuple[JobT, Future] | None:
+        item = self._jobs.get(timeout=timeout)
+        if item is not None:
+            with self._lock:
+                self._arriving -= 1
+        return item
 
     def _run(self, batch: list[tuple[JobT, Future]]) -> None:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+import time
 
 import pytest
 
@@ -171,3 +172,32 @@ def _outcome(fn, *args):
         return fn(*args)
     except Exception as exc:  # noqa: BLE001
         return exc
+
+
+def test_a_job_alone_does_not_wait_for_a_batch_and_jobs_arriving_meanwhile_run_together():
+    """One hop for a lone session: no batching wait when nobody else is submitting; requests that
+    arrive while a batch runs form the next batch."""
+    sizes, started, release = [], threading.Event(), threading.Event()
+
+    def run(jobs):
+        sizes.append(len(jobs))
+        if len(sizes) == 1:
+            started.set()
+            release.wait(5)
+        return jobs
+
+    batcher = MicroBatcher(run, max_batch_size=8, max_wait_s=30)  # a wait would stall the test
+    first = threading.Thread(target=batcher.submit, args=(0,))
+    first.start()
+    assert started.wait(5), "a lone job waited for company"
+    others = [threading.Thread(target=batcher.submit, args=(i,)) for i in range(1, 4)]
+    for thread in others:
+        thread.start()
+    while batcher._jobs.qsize() < 3:
+        time.sleep(0.01)
+    release.set()
+    for thread in (first, *others):
+        thread.join(10)
+        assert not thread.is_alive()
+    assert sizes == [1, 3]
+    batcher.stop()

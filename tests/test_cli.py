@@ -88,6 +88,8 @@ def test_demo_runs_a_pair_on_loopback_then_serves_the_playground(tiny):
     assert stats["tokens"] == "12" or stats["finish_reason"] == "stop"
     assert 0 < float(stats["acceptance_rate"]) <= 1  # the noisy draft agrees with the target often
     assert int(stats["rounds"]) >= 1
+    verdict = next(line for line in lines if line.startswith("pair "))
+    assert "tok/s, target alone" in verdict and "outputs identical" in verdict, verdict
 
 
 def test_target_draft_generate_as_separate_processes(tiny):
@@ -215,3 +217,21 @@ def test_a_port_in_use_is_refused_in_one_line(tiny):
     assert result.returncode == 1, result.stderr
     errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
     assert "Traceback" not in result.stderr and len(errors) == 1 and str(port) in errors[0], result.stderr
+
+
+def test_a_draft_with_another_tokenizer_is_refused_in_one_line(tiny):
+    from target_node.config import TargetConfig
+    from target_node.server import start_target
+
+    target = start_target(TargetConfig(model=tiny.target, port=0, metrics_port=-1))
+    try:
+        result = subprocess.run(
+            [*CLI, "draft", "--model", tiny.other_tokenizer, "--target", f"127.0.0.1:{target.port}", "--port", "0",
+             "--metrics-port", "-1", "--http-port", "-1"],
+            capture_output=True, text=True, timeout=300,
+        )  # fmt: skip
+    finally:
+        target.stop(0)
+    errors = [line for line in result.stderr.splitlines() if "error" in line.lower()]
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert len(errors) == 1 and "tokenizer" in errors[0], result.stderr

@@ -202,6 +202,7 @@ def test_stop_is_graceful_and_down_leaves_nothing(stack):
     assert docker("network", "ls", "--quiet", "--filter", label).strip() == ""
 
 
+@pytest.mark.release  # gigabytes of CUDA torch and vLLM: `make check-cuda-image`, not `make test`
 def test_cuda_image_builds_and_matches_its_cuda_base(local_images):
     """deploy/Dockerfile.cuda builds (no GPU needed) on the Debian stand-in for its nvidia/cuda
     base; the torch it installs must be built for the CUDA version that base's nvcc has, or the

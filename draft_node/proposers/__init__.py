@@ -10,7 +10,7 @@ from transformers import GenerationConfig, PreTrainedTokenizerBase
 
 from draft_node.config import DraftConfig
 from draft_node.proposers.base import DraftNoise, Proposer
-from services.compute_thread import ComputeThread
+from services.hf_runtime import HFRuntime
 from services.limits import mb_to_bytes
 from services.model_loading import (
     LoadedModel,
@@ -24,7 +24,6 @@ from services.model_loading import (
 )
 from services.prefix_cache import PrefixCache
 from services.rpc.specwire.v1 import target_pb2
-from services.small_row_linear import small_row_setting, use_small_row_linears
 
 ProposerFactory = Callable[[target_pb2.SamplingParams, DraftNoise], Proposer]
 
@@ -108,28 +107,27 @@ def load_drafter(config: DraftConfig, loaded: LoadedModel | None = None) -> Draf
         from draft_node.proposers.hf import HFProposer
 
         loaded = loaded or load_model(config.model, config.dtype, config.cache_dir, config.device)
-        compute = ComputeThread("hf-draft-compute")  # concurrent generations take turns on the one model
-        step_rows = compute.run(
-            use_small_row_linears, loaded.model, small_row_setting(config.small_row_linear), int8=weights == "int8"
+        # concurrent generations take turns on the one model
+        runtime = HFRuntime.start(
+            loaded.model, config.small_row_linear, config.prefix_cache_mb, "hf-draft-compute", int8=weights == "int8"
         )
         eos = eos_token_ids(loaded.tokenizer, loaded.model.generation_config)
-        prefix_cache = PrefixCache(mb_to_bytes(config.prefix_cache_mb))
         return Drafter(
             loaded.model_id,
             loaded.tokenizer,
             eos,
             lambda sampling, noise: HFProposer(
                 loaded.model,
-                compute,
+                runtime.compute,
                 sampling,
                 noise,
                 config.confidence_threshold,
                 config.min_chain_probability,
-                prefix_cache,
-                step_rows,
+                runtime.prefix_cache,
+                runtime.small_row_limit,
             ),
             max_candidates=1,
-            stop=compute.stop,
+            stop=runtime.compute.stop,
         )
     model_dir = resolve_model_dir(config.model, config.cache_dir)  # ngram: the tokenizer's source
     tokenizer = load_tokenizer(model_dir)

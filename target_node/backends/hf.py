@@ -14,12 +14,9 @@ from transformers import DynamicCache, PreTrainedModel
 
 from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
-from services.compute_thread import ComputeThread
+from services.hf_runtime import HFRuntime
 from services.kv_cache import GROWTH_POSITIONS, kv_buffers, kv_bytes_per_token, kv_nbytes, truncate_kv
-from services.limits import mb_to_bytes
 from services.model_loading import LoadedModel
-from services.prefix_cache import PrefixCache
-from services.small_row_linear import small_row_setting, use_small_row_linears
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
 from target_node.kernels import load_kernels
@@ -70,9 +67,16 @@ def check_tree_attention(model: PreTrainedModel, model_id: str) -> None:
 
 
 @dataclass
-class ForwardJob:
-    cache: DynamicCache  # the session's cache; grows by len(query.token_ids) entries
+class VerifyJob:
+    """One round: forward, decision and compaction run as one job on the compute thread."""
+
+    session: Session
+    tree: CandidateTree
     query: TreeQuery
+
+    @property
+    def cache(self) -> DynamicCache:  # the session's cache; grows by len(query.token_ids) entries
+        return self.session.cache
 
 
 class HFBackend(VerifyBackend):
@@ -83,17 +87,14 @@ class HFBackend(VerifyBackend):
         self.vocab_size = self.model.get_output_embeddings().weight.shape[0]
         self.max_context = getattr(self.model.config, "max_position_embeddings", None) or 1 << 31
         self.device = next(self.model.parameters()).device
-        self.compute = ComputeThread("hf-compute")
-        self.small_row_limit = self.compute.run(
-            use_small_row_linears, self.model, small_row_setting(config.small_row_linear)
-        )
+        runtime = HFRuntime.start(self.model, config.small_row_linear, config.prefix_cache_mb, "hf-compute")
+        self.compute, self.small_row_limit, self.prefix_cache = runtime.compute, runtime.small_row_limit, runtime.prefix_cache
         self.min_rows = config.pad_verify_rows
-        self.prefix_cache = PrefixCache(mb_to_bytes(config.prefix_cache_mb))
         self.kv_bytes_per_token = kv_bytes_per_token(self.model.config, self.model.dtype)
         self.kernels = self.compute.run(load_kernels, config.kernels, self.device)
         self.compute.run(check_tree_attention, self.model, loaded.model_id)
-        self.batcher: MicroBatcher[ForwardJob, torch.Tensor] = MicroBatcher(
-            self._forward_batch,
+        self.batcher: MicroBatcher[VerifyJob, RoundResult] = MicroBatcher(
+            self._verify_batch,
             config.max_batch_size,
             config.batch_wait_ms / 1000,
             on_retry_alone=lambda job: truncate_kv(job.cache, job.query.prefix_length),
@@ -119,8 +120,8 @@ class HFBackend(VerifyBackend):
         prefix = session.context_length
         try:
             query = build_tree_query(session.pending_token, tree, prefix)
-            logits, batch_size = self.batcher.submit(ForwardJob(session.cache, query))
-            return self.compute.run(self._decide, session, tree, logits, batch_size)
+            result, _ = self.batcher.submit(VerifyJob(session, tree, query))
+            return result
         except BaseException:
             # compaction writes only past the prefix, so truncating to it still restores the session
             truncate_kv(session.cache, prefix)
@@ -182,13 +183,15 @@ class HFBackend(VerifyBackend):
         self.batcher.stop()
         self.compute.stop()
 
-    def _forward_batch(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
-        return self.compute.run(
-            lambda: self._batched_forward(jobs) if len(jobs) > 1 else [self._single_forward(jobs[0])]
-        )
+    def _verify_batch(self, jobs: list[VerifyJob]) -> list[RoundResult]:
+        return self.compute.run(self._forward_and_decide, jobs)
+
+    def _forward_and_decide(self, jobs: list[VerifyJob]) -> list[RoundResult]:
+        logits = self._batched_forward(jobs) if len(jobs) > 1 else [self._single_forward(jobs[0])]
+        return [self._decide(job.session, job.tree, rows, len(jobs)) for job, rows in zip(jobs, logits, strict=True)]
 
     @torch.inference_mode()
-    def _single_forward(self, job: ForwardJob) -> torch.Tensor:
+    def _single_forward(self, job: VerifyJob) -> torch.Tensor:
         inputs = batch_inputs([job.query], self.model.dtype, self.device, self.min_rows)
         out = self.model(
             input_ids=inputs.input_ids,
@@ -200,7 +203,7 @@ class HFBackend(VerifyBackend):
         return out.logits[0].float()
 
     @torch.inference_mode()
-    def _batched_forward(self, jobs: list[ForwardJob]) -> list[torch.Tensor]:
+    def _batched_forward(self, jobs: list[VerifyJob]) -> list[torch.Tensor]:
         inputs = batch_inputs([job.query for job in jobs], self.model.dtype, self.device, self.min_rows)
         width = inputs.prefix_width
         batch_cache = DynamicCache()
