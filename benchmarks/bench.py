@@ -168,9 +168,7 @@ def run_interleaved(
 
 
 def machine() -> dict:
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True
-    ).stdout.strip()
+    commit = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True).stdout.strip()
     return {
         "platform": platform.platform(),
         "processor": platform.processor(),
@@ -193,6 +191,7 @@ def gguf_target(args: argparse.Namespace) -> tuple[object, object, list[int]] | 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    started_on = machine()  # the commit the run started from (its processes import that code)
     samples = load_samples(args.gsm8k, args.humaneval)
     by_id = {s.sample_id: s for s in samples}
     small_rows = small_row_setting(args.small_row_linear)
@@ -294,7 +293,7 @@ def main(argv: list[str] | None = None) -> dict:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     report = {
         "command": "python -m benchmarks.bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "machine": machine(),
+        "machine": started_on,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "summaries": summaries,
         "generations": {

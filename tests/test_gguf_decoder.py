@@ -170,3 +170,29 @@ def test_greedy_decode_stops_at_eos_and_length(decoder):
     eos = tokens[3]
     cut = greedy_decode(decoder, PROMPT, 12, eos_ids=[eos])
     assert cut == tokens[: tokens.index(eos)]
+
+
+@pytest.mark.slow
+def test_the_plain_avx2_build_gives_the_same_bits_and_loads_prebuilt_without_a_compiler(monkeypatch, tmp_path):
+    """An image is built on one machine and run on another: its plain-AVX2 variant must load where
+    the build machine's best one is absent, and give the very numbers the best one gives."""
+    import services.cpu_extension as extensions
+    from services.gguf_decoder import KERNEL_FLAGS, KERNEL_SOURCES
+
+    best = kernels()
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    monkeypatch.setattr(extensions, "isa_variants", lambda: [extensions.AVX2_FLAGS])
+    built = extensions.build_all_variants("decoder", KERNEL_SOURCES, KERNEL_FLAGS)
+    assert len(built) == 1 and "avx512" not in " ".join(extensions.AVX2_FLAGS)
+    monkeypatch.setattr(extensions, "isa_variants", lambda: [("-mavx512f", "-mno-such-build"), extensions.AVX2_FLAGS])
+    monkeypatch.setattr(extensions.shutil, "which", lambda name: None)
+    monkeypatch.setattr("torch.utils.cpp_extension.load", lambda **_: pytest.fail("torch's builder was called"))
+    plain = extensions.load_extension("decoder", KERNEL_SOURCES, KERNEL_FLAGS, isa=True)
+    assert plain.__file__.startswith(str(tmp_path)) and built[0] in plain.__file__
+    tensor = quant_tensor(Q.Q4_K, 48, 512, seed=3)
+    x = torch.randn(5, 512, generator=torch.Generator().manual_seed(0))
+    outs = []
+    for module in (best, plain):
+        weight = module.gguf_repack(torch.from_numpy(tensor.data), int(tensor.type), tensor.cols)
+        outs.append(module.gguf_linear(x, [weight], [int(tensor.type)], [tensor.rows], [None])[0])
+    assert torch.equal(outs[0], outs[1])
