@@ -98,7 +98,7 @@ def test_a_whole_run_on_tiny_models(tiny, tmp_path):
     baseline = report["summaries"][0]
     for summary in report["summaries"][1:]:
         assert summary["identical_to_baseline"] == 4  # greedy: every run reproduces the target alone
-        assert summary["speedup"] == pytest.approx(summary["tokens_per_s"] / baseline["tokens_per_s"], rel=1e-2)
+        assert summary["speedup"] == pytest.approx(summary["tokens_per_s"] / baseline["tokens_per_s"], rel=1e-2, abs=1e-3)  # rounded to 3 places
     spec = report["summaries"][-1]
     assert 0 < spec["acceptance_rate"] <= 1 and len(spec["acceptance_by_position"]) == 4
     phases = spec["round_breakdown_s"]
