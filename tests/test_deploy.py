@@ -210,3 +210,15 @@ def test_prometheus_scrapes_both_nodes_during_generation(tmp_path, tiny, pair_fa
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile", "Dockerfile.cuda"])
+def test_every_image_copies_every_package_of_the_project(dockerfile):
+    """The images install the project from the packages they copy: one left out (the `specwire`
+    command's, once) installs fine and fails at start with ModuleNotFoundError."""
+    import tomllib
+
+    included = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]["find"]["include"]
+    packages = {pattern.rstrip("*") for pattern in included}
+    text = (DEPLOY / dockerfile).read_text()
+    assert {p for p in packages if f"COPY {p} {p}" not in text} == set()
