@@ -1,6 +1,7 @@
 """Micro-batching: requests that arrive while a batch runs are run together by one call of
-`run_batch`. A batch waits (up to `max_wait_s`) only for requests already being submitted, never
-when its requests are all there are: one session verifying alone pays no wait. If a batch fails,
+`run_batch`. A batch waits (up to `max_wait_s`) for requests already being submitted and, while
+fewer than `expected()` callers (the live sessions that may send one) are in it, for them; one
+session verifying alone pays no wait. If a batch fails,
 each request is retried alone, so no request fails because of another one."""
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
         on_retry_alone: Callable[[JobT], None] = lambda job: None,
         name: str = "batcher",
         on_start: Callable[[], None] = lambda: None,
+        expected: Callable[[], int] = lambda: 1,
     ) -> None:
         """`on_start` runs on the worker thread before any batch (an engine that must live on the
         thread that drives it); its exception is raised here."""
@@ -36,6 +38,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
         self.max_batch_size = max_batch_size
         self.max_wait_s = max_wait_s
         self.on_retry_alone = on_retry_alone  # undo what a failed batch may have done to a job
+        self.expected = expected
         self._jobs: queue.Queue[tuple[JobT, Future] | None] = queue.Queue()
         self._stopped = threading.Event()
         self._arriving = 0  # jobs submitted and not yet taken into a batch
@@ -81,7 +84,7 @@ class MicroBatcher(Generic[JobT, ResultT]):
         while not self._stopped.is_set() and (first := self._take()) is not None:
             batch = [first]
             deadline = time.monotonic() + self.max_wait_s
-            while len(batch) < self.max_batch_size and self._arriving > 0:
+            while len(batch) < self.max_batch_size and (self._arriving > 0 or len(batch) < self.expected()):
                 try:
                     item = self._take(timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Empty:

@@ -90,6 +90,7 @@ class HFBackend(VerifyBackend):
         runtime = HFRuntime.start(self.model, config.small_row_linear, config.prefix_cache_mb, "hf-compute")
         self.compute, self.small_row_limit, self.prefix_cache = runtime.compute, runtime.small_row_limit, runtime.prefix_cache
         self.min_rows = config.pad_verify_rows
+        self._live: set[int] = set()  # sessions that may send a round: the batcher waits for them, not for ghosts
         self.kv_bytes_per_token = kv_bytes_per_token(self.model.config, self.model.dtype)
         self.kernels = self.compute.run(load_kernels, config.kernels, self.device)
         self.compute.run(check_tree_attention, self.model, loaded.model_id)
@@ -99,10 +100,13 @@ class HFBackend(VerifyBackend):
             config.batch_wait_ms / 1000,
             on_retry_alone=lambda job: truncate_kv(job.cache, job.query.prefix_length),
             name="hf-verify-batcher",
+            expected=lambda: len(self._live),
         )
 
     def prefill(self, session: Session) -> int:
-        return self.compute.run(self._prefill, session)
+        token = self.compute.run(self._prefill, session)
+        self._live.add(id(session))
+        return token
 
     @torch.inference_mode()
     def _prefill(self, session: Session) -> int:
@@ -177,6 +181,7 @@ class HFBackend(VerifyBackend):
         return super().free_memory_bytes()
 
     def close(self, session: Session) -> None:
+        self._live.discard(id(session))
         session.cache = None
 
     def stop(self) -> None:
