@@ -84,6 +84,14 @@ def _prebuilt(name: str) -> ModuleType | None:
     return module
 
 
+def _build(stem: str, paths: Sequence[Path], flags: Sequence[str]) -> ModuleType:
+    """torch's builder (it loads an up-to-date build without compiling again)."""
+    from torch.utils.cpp_extension import load
+
+    name = extension_name(stem, paths, flags)
+    return load(name=name, sources=[str(p) for p in paths], extra_cflags=list(flags), extra_ldflags=["-fopenmp"])
+
+
 def load_extension(stem: str, sources: Sequence[str], flags: Sequence[str], isa: bool = False) -> ModuleType:
     """The extension built from `sources` (file names under services/cpu) with `flags` (plus, with
     `isa`, the best instruction-set flags of `isa_variants`); raises RuntimeError saying why where
@@ -99,11 +107,8 @@ def load_extension(stem: str, sources: Sequence[str], flags: Sequence[str], isa:
             if (prebuilt := _prebuilt(extension_name(stem, paths, variant))) is not None:
                 return prebuilt
         raise RuntimeError(f"the {stem} CPU kernels are not built and there is no C++ compiler to build them")
-    from torch.utils.cpp_extension import load
-
-    name = extension_name(stem, paths, variants[0])
     try:
-        return load(name=name, sources=[str(p) for p in paths], extra_cflags=list(variants[0]), extra_ldflags=["-fopenmp"])
+        return _build(stem, paths, variants[0])
     except Exception as exc:  # a compiler error names the file and line; keep its last lines
         raise RuntimeError(f"building the {stem} CPU kernels failed: {str(exc)[-2000:]}") from exc
 
@@ -112,14 +117,7 @@ def build_all_variants(stem: str, sources: Sequence[str], flags: Sequence[str]) 
     """Build every ISA variant (an image's build stage: its runtime may run on another CPU)."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from torch.utils.cpp_extension import load
-
     paths = [SOURCE_DIR / source for source in sources]
-
-    def build(isa_flags: tuple[str, ...]) -> str:
-        name = extension_name(stem, paths, (*flags, *isa_flags))
-        load(name=name, sources=[str(p) for p in paths], extra_cflags=[*flags, *isa_flags], extra_ldflags=["-fopenmp"])
-        return name
-
     with ThreadPoolExecutor() as pool:  # each build is mostly one long compile: run them side by side
-        return list(pool.map(build, isa_variants()))
+        built = pool.map(lambda isa_flags: _build(stem, paths, (*flags, *isa_flags)), isa_variants())
+        return [module.__name__ for module in built]

@@ -13,7 +13,7 @@ import socket
 import sys
 import threading
 from collections.abc import Callable, Sequence
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from pydantic import ValidationError
 
@@ -53,7 +53,7 @@ def port_in_use(host: str, port: int) -> str | None:
     return None
 
 
-def run_node(prog: str, config_type: type[C], start: Callable[[C], Any], argv: Sequence[str]) -> int:
+def run_node(prog: str, config_type: type[C], start: Callable[[C], Running], argv: Sequence[str]) -> int:
     """Exit status: 0 after a clean stop, 1 when the node could not start (2: bad flags, argparse's)."""
     try:
         config = config_type.from_cli(list(argv), prog)
