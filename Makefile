@@ -1,7 +1,7 @@
 PYTHON ?= python3
 PIP := $(PYTHON) -m pip
 
-.PHONY: install install-models install-vllm install-all install-tools llamacpp proto dashboards lint test test-fast check-cuda-image run bench
+.PHONY: install install-models install-vllm install-all install-tools llamacpp proto dashboards lint test test-fast check-cuda-image run bench bench-link bench-capacity
 
 install:            ## runtime + dev dependencies (CPU torch from the local wheel)
 	$(PIP) install -q -e ".[dev,bench]"
@@ -48,3 +48,9 @@ llamacpp:           ## build llama.cpp's llama-server once (the CPU baseline of 
 
 bench: install-models llamacpp  ## 10 GSM8K + 10 HumanEval, 128 tokens: target alone (GGUF and fp32), HF assisted, llama.cpp plain and speculative, specwire
 	$(PYTHON) -m benchmarks.bench --gsm8k 10 --humaneval 10 --max-tokens 128 --out-dir benchmarks/results/bench-cpu
+
+bench-link: install-models  ## the pair over a delaying relay (RTT 0-100 ms), one core each, pipelining off/on/auto, vs the target alone
+	$(PYTHON) -m benchmarks.link --rtt-ms 0 10 20 50 100 --pipeline off on auto --out benchmarks/results/link_cpu.json
+
+bench-capacity: install-models  ## one target, 1/2/4/8 OpenAI clients: specwire vs plain batched decoding on the same target
+	$(PYTHON) -m benchmarks.load --capacity --clients 1 2 4 8 --max-tokens 64 --out benchmarks/results/capacity_cpu.json

@@ -104,7 +104,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         help="prefix cache of both nodes and of each baseline run (0: off everywhere)",
     )  # fmt: skip
     parser.add_argument(
-        "--pipeline", action=argparse.BooleanOptionalAction, help="draft node pipelining (default: the node's)"
+        "--pipeline", choices=["auto", "on", "off"], help="draft node pipelining (default: the node's)"
     )
     parser.add_argument(
         "--interleave", action=argparse.BooleanOptionalAction, default=True,
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
             "--min-chain-probability", str(args.min_chain_probability),
             "--prefix-cache-mb", str(args.prefix_cache_mb),
             "--adaptive" if args.adaptive else "--no-adaptive",
-            *([] if args.pipeline is None else ["--pipeline" if args.pipeline else "--no-pipeline"]),
+            *([] if args.pipeline is None else ["--pipeline", args.pipeline]),
         ]  # fmt: skip
         target_args = [
             "--model", args.target_model, "--dtype", args.target_dtype, "--device", args.device,

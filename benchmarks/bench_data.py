@@ -67,3 +67,18 @@ def humaneval(count: int) -> list[Sample]:
 
 def load_samples(gsm8k_count: int, humaneval_count: int) -> list[Sample]:
     return gsm8k(gsm8k_count) + humaneval(humaneval_count)
+
+
+def chat_prompts(count: int) -> list[tuple[str, str]]:
+    """(sample id, prompt text) of the first GSM8K and HumanEval problems, in the default target's
+    chat template (half each; GSM8K first)."""
+    from services.config import DEFAULT_CACHE_DIR
+    from services.gguf_file import GGUFFile
+    from services.model_loading import gguf_source
+    from target_node.config import TargetConfig
+
+    tokenizer = GGUFFile(gguf_source(TargetConfig.model_fields["model"].default)).tokenizer(DEFAULT_CACHE_DIR)
+    return [
+        (s.sample_id, tokenizer.apply_chat_template(s.messages, add_generation_prompt=True, tokenize=False))
+        for s in load_samples((count + 1) // 2, count // 2)
+    ]

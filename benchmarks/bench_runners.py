@@ -27,6 +27,7 @@ class Settings:
     num_speculative_tokens: int = 0  # 0: the node's default (or its adaptive controller)
     seed: int | None = None
     assistant_confidence_threshold: float = 0.4  # HF assisted only (transformers' default; 0: off)
+    target_only: bool = False  # specwire: draft nothing, the target decodes alone (plain decoding)
 
 
 @dataclass
@@ -98,6 +99,7 @@ class SpecwireOpenAIRunner:
         s = self.settings
         body = {"model": self.model, "prompt": prompt_text, "max_tokens": s.max_tokens, "stream": True}
         body |= {"temperature": s.temperature} | ({"seed": s.seed} if s.seed is not None else {})
+        body |= {"target_only": True} if s.target_only else {}
         start = time.perf_counter()
         first, text = None, []
         with self.client.stream("POST", "/v1/completions", json=body) as response:

@@ -12,6 +12,15 @@ Requests mix what users send: greedy and seeded sampled ones alternate, and ever
 the level's time is up, then finishes the request it is in; errors are counted, never retried.
 After each level: resident memory of the node process(es), and the target's live sessions and KV
 bytes (every session must be closed again).
+
+`--capacity` (the real pair, `make bench-capacity`): what one target gives many drafts. At each
+number of clients, the same greedy GSM8K and HumanEval chat prompts go through the draft node's
+OpenAI API (streamed completions) twice, interleaved: with speculation, and with `target_only`
+(the same target node decoding plainly, its rounds batched across the clients: plain batched
+decoding). Per mode: total tok/s, TTFT and per-client TPOT p50/p99, errors, each node's RSS; every
+speculative output must equal the plain one of its prompt (greedy: the target alone's text).
+
+    python -m benchmarks.load --capacity --clients 1 2 4 8 --out benchmarks/results/capacity_cpu.json
 """
 
 from __future__ import annotations
@@ -33,7 +42,7 @@ import grpc
 
 from benchmarks.bench_report import percentile, save_json
 from services.rpc.specwire.v1 import draft_pb2, draft_pb2_grpc
-from specwire.local_pair import local_pair
+from specwire.local_pair import LocalPair, local_pair
 
 PROMPTS = ["def add(a, b):", "The quick brown fox", "import numpy as np\n", "class Stack:", "SELECT * FROM"]
 
@@ -118,16 +127,21 @@ def scrape(port: int, name: str) -> float:
 def real_pair(logs: Path | None) -> Iterator[Pair]:
     """The packaged pair as two CLI processes; memory from /proc and the target's /metrics."""
     with local_pair(logs=logs, metrics=True) as pair:
+        yield Pair(pair.draft, real_memory(pair))
 
-        def memory() -> dict:
-            port = pair.metrics_ports["target"]
-            return {
-                "rss_mb": {name: round(rss_mb(pid), 1) for name, pid in pair.pids.items()},
-                "target_sessions_after": int(scrape(port, "specwire_target_active_sessions")),
-                "target_kv_bytes_after": int(scrape(port, "specwire_target_kv_cache_bytes")),
-            }
 
-        yield Pair(pair.draft, memory)
+def real_memory(pair: LocalPair) -> Callable[[], dict]:
+    """Each node process's RSS and the target's live sessions and KV bytes, read when called."""
+
+    def memory() -> dict:
+        port = pair.metrics_ports["target"]
+        return {
+            "rss_mb": {name: round(rss_mb(pid), 1) for name, pid in pair.pids.items()},
+            "target_sessions_after": int(scrape(port, "specwire_target_active_sessions")),
+            "target_kv_bytes_after": int(scrape(port, "specwire_target_kv_cache_bytes")),
+        }
+
+    return memory
 
 
 @contextmanager
@@ -182,6 +196,96 @@ def tiny_pair(directory: Path) -> tuple[str, str]:
     return str(target), str(draft)
 
 
+def capacity_level(base_url: str, clients: int, prompts: list[tuple[str, str]], target_only: bool, tokenizer: object,
+                   max_tokens: int) -> tuple[dict, dict[str, str]]:  # fmt: skip
+    """`clients` threads share the prompts (each request once); returns the level's figures and the
+    text of each prompt."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from benchmarks.bench_runners import Settings, SpecwireOpenAIRunner
+
+    runner = SpecwireOpenAIRunner(base_url, Settings(max_tokens=max_tokens, target_only=target_only), tokenizer)
+    errors = []
+
+    def one(prompt: tuple[str, str]) -> object:
+        try:
+            return runner.generate(*prompt)
+        except Exception as exc:  # noqa: BLE001 - counted, never retried
+            errors.append(repr(exc))
+            return None
+
+    start = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        generations = [g for g in pool.map(one, prompts) if g is not None]
+    elapsed = time.perf_counter() - start
+    tokens = sum(len(g.token_ids) for g in generations)
+    return {
+        "mode": "plain batched (target_only)" if target_only else "specwire",
+        "clients": clients,
+        "requests": len(prompts),
+        "errors": len(errors),
+        "error_samples": errors[:3],
+        "tokens": tokens,
+        "seconds": round(elapsed, 2),
+        "tokens_per_s": round(tokens / elapsed, 3),
+        "ttft_s_p50": percentile([g.ttft_s for g in generations], 50),
+        "ttft_s_p99": percentile([g.ttft_s for g in generations], 99),
+        "tpot_s_p50": percentile([g.tpot_s for g in generations], 50),
+        "tpot_s_p99": percentile([g.tpot_s for g in generations], 99),
+    }, {g.sample_id: g.text for g in generations}
+
+
+def run_capacity(args: argparse.Namespace, logs: Path | None) -> list[dict]:
+    """Both modes at every number of clients on one pair (CLI processes, OpenAI API)."""
+    from benchmarks.bench_data import chat_prompts
+    from services.config import DEFAULT_CACHE_DIR
+    from services.gguf_file import GGUFFile
+    from services.model_loading import gguf_source
+    from target_node.config import TargetConfig
+
+    tokenizer = GGUFFile(gguf_source(TargetConfig.model_fields["model"].default)).tokenizer(DEFAULT_CACHE_DIR)
+    prompts = chat_prompts(args.prompts)
+    levels = []
+    with local_pair(logs=logs, metrics=True, http=True) as pair:
+        base_url = f"http://127.0.0.1:{pair.http_port}"
+        memory = real_memory(pair)
+        for target_only in (False, True):  # warm-up: every prompt's prefill in both prefix caches
+            capacity_level(base_url, 1, prompts, target_only, tokenizer, 4)
+        for clients in args.clients:
+            batch = [prompts[i % len(prompts)] for i in range(max(len(prompts), 2 * clients))]
+            texts = {}
+            for target_only in (False, True):
+                level, texts[target_only] = capacity_level(
+                    base_url, clients, batch, target_only, tokenizer, args.max_tokens
+                )
+                level |= memory()
+                levels.append(level)
+                print(json.dumps(level), flush=True)
+            levels[-2]["mismatches"] = sum(texts[False][k] != texts[True].get(k) for k in texts[False])
+            levels[-2]["speedup_vs_plain"] = round(levels[-2]["tokens_per_s"] / levels[-1]["tokens_per_s"], 3)
+    return levels
+
+
+def plot_capacity(levels: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.5, 3.8))
+    for mode in dict.fromkeys(level["mode"] for level in levels):
+        rows = [level for level in levels if level["mode"] == mode]
+        ax.plot([r["clients"] for r in rows], [r["tokens_per_s"] for r in rows], marker="o", label=mode)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("concurrent clients")
+    ax.set_ylabel("total tokens / s")
+    ax.set_ylim(bottom=0)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 4, 16, 64])
@@ -192,9 +296,23 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--target-model", help="in process; default: a tiny random model built here")
     parser.add_argument("--draft-model")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--capacity", action="store_true", help="the real pair, specwire vs plain batched decoding")
+    parser.add_argument("--prompts", type=int, default=8, help="--capacity: prompts (half GSM8K, half HumanEval)")
     args = parser.parse_args(argv)
     most = max(args.clients)
     logs = args.out.parent / (args.out.stem + "-logs") if args.out else None
+    command = "python -m benchmarks.load " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.capacity:
+        from benchmarks.bench import machine
+
+        levels = run_capacity(args, logs)
+        report = {"command": command, "machine": machine(), "max_tokens": args.max_tokens, "levels": levels,
+                  "total_errors": sum(level["errors"] for level in levels),
+                  "total_mismatches": sum(level.get("mismatches", 0) for level in levels)}  # fmt: skip
+        save_json(args.out, report)
+        if args.out:
+            plot_capacity(levels, args.out.with_suffix(".png"))
+        return report
     pair_context = real_pair(logs) if args.real else in_process_pair(args.target_model, args.draft_model, most)
     levels = []
     with pair_context as pair:
@@ -208,7 +326,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(json.dumps(level), flush=True)
     models = ("packaged (CLI processes)",) * 2 if args.real else (args.target_model, args.draft_model)
     report = {
-        "command": "python -m benchmarks.load " + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": command,
         "models": {"target": models[0] or "tiny (built)", "draft": models[1] or "tiny (built)"},
         "baseline": baseline,
         "levels": levels,

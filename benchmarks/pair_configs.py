@@ -29,11 +29,11 @@ from specwire.local_pair import local_pair
 # name -> (target flags, draft flags, environment)
 SUITES: dict[str, dict[str, tuple[list[str], list[str], dict[str, str]]]] = {
     "placement": {
-        "all cores each, sequential rounds": ([], ["--no-pipeline"], {}),
-        "all cores each, sequential rounds, passive waiting": ([], ["--no-pipeline"], {"OMP_WAIT_POLICY": "PASSIVE"}),
-        "all cores each, pipelined": ([], ["--pipeline"], {}),
-        "all cores each, pipelined, passive waiting": ([], ["--pipeline"], {"OMP_WAIT_POLICY": "PASSIVE"}),
-        "one core each, pipelined": (["--threads", "1"], ["--threads", "1", "--pipeline"], {}),
+        "all cores each, sequential rounds": ([], ["--pipeline", "off"], {}),
+        "all cores each, sequential rounds, passive waiting": ([], ["--pipeline", "off"], {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "all cores each, pipelined": ([], ["--pipeline", "on"], {}),
+        "all cores each, pipelined, passive waiting": ([], ["--pipeline", "on"], {"OMP_WAIT_POLICY": "PASSIVE"}),
+        "one core each, pipelined": (["--threads", "1"], ["--threads", "1", "--pipeline", "on"], {}),
     },
     "draft": {
         "hf fp32": ([], ["--dtype", "float32", "--weights", "fp32"], {}),

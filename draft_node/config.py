@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, Self
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from services.config import NodeConfig
@@ -77,10 +77,10 @@ class DraftConfig(NodeConfig):
     )
     ngram_min: int = Field(1, ge=1, description="ngram: shortest suffix to look up")
     ngram_max: int = Field(4, ge=1, description="ngram: longest suffix to look up")
-    pipeline: bool = Field(
-        False,
-        description="draft the next round while the current one is verified (pays when draft and target do "
-        "not share cores; on one CPU machine they slow each other, so off by default)",
+    pipeline: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="draft the next round while the current one is verified: on, off, or auto (both measured "
+        "as rounds go, the better used: it pays when draft and target do not share cores and the link is slow)",
     )
     adaptive: bool = Field(False, description="choose K and N each round from measured goodput (else fixed)")
     k_max: int = Field(8, ge=1, le=MAX_SPECULATIVE_TOKENS, description="adaptive: largest K tried")
@@ -124,6 +124,14 @@ class DraftConfig(NodeConfig):
     def default_k(proposer: str) -> int:
         """K when none is set: a cap for the hf proposer's early-ending chains, else every round's length."""
         return 16 if proposer == "hf" else 5
+
+    @field_validator("pipeline", mode="before")
+    @classmethod
+    def _pipeline_from_bool(cls, value: object) -> object:
+        """Earlier releases took a boolean (SPECWIRE_DRAFT_PIPELINE=true): it still means on / off."""
+        if isinstance(value, bool) or str(value).lower() in ("true", "false", "1", "0"):
+            return "on" if str(value).lower() in ("true", "1") else "off"
+        return value
 
     @model_validator(mode="after")
     def _k_for_proposer(self) -> Self:

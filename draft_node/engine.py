@@ -15,6 +15,7 @@ from draft_node.config import DraftConfig
 from draft_node.controller import AdaptiveController, FixedController
 from draft_node.detokenizer import IncrementalDetokenizer
 from draft_node.metrics import DraftMetrics
+from draft_node.pipeline_switch import FixedPipeline, PipelineSwitch
 from draft_node.proposers import Drafter
 from draft_node.proposers.base import DraftNoise, draft_sampling
 from draft_node.resumable_session import ResumableSession, RetryPolicy
@@ -54,6 +55,7 @@ class DraftEngine:
         self._target_info: target_pb2.InfoResponse | None = None
         self._adaptive: AdaptiveController | None = None
         self._controller_lock = threading.Lock()
+        self.pipelining = PipelineSwitch() if config.pipeline == "auto" else FixedPipeline(config.pipeline == "on")
 
     def target_info(self, wait_s: float | None = None) -> target_pb2.InfoResponse:
         """The target's info, fetched once; refuses a target with another tokenizer. With `wait_s`,
@@ -151,12 +153,10 @@ class DraftEngine:
             target_pb2.SamplingParams(temperature=request.temperature, top_p=request.top_p, top_k=request.top_k)
         )
         strategy = request.strategy or ("gumbel" if sampling.temperature > 0 else "deterministic")
-        # the text of a seeded request depends on the trie shapes (K, N) except under `gumbel`
-        controller = self._controller(
-            request,
-            info.limits.max_tree_nodes,
-            fixed=request.HasField("seed") and strategy != "gumbel",
-        )
+        # the text of a seeded request depends on the trie shapes (K, N) except under `gumbel`: such
+        # a request keeps its K, whatever the load (the target's advice) or the controller say
+        fixed = request.HasField("seed") and strategy != "gumbel"
+        controller = self._controller(request, info.limits.max_tree_nodes, fixed=fixed)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         sampling.seed = seed
 
@@ -189,7 +189,8 @@ class DraftEngine:
                 controller,
                 max_tokens - produced,
                 info.limits.max_context_tokens,
-                pipeline=self.config.pipeline,
+                pipeline=self.pipelining,
+                follow_advice=not fixed,
             )
             with closing(rounds):  # stopping early (EOS, stop string, cancel) also ends the loop's worker
                 for outcome in rounds:

@@ -29,6 +29,14 @@ class Controller(Protocol):
     def observe(self, arm: tuple[int, int], committed: int, seconds: float) -> None: ...
 
 
+class Pipelining(Protocol):
+    """Whether a round drafts the next one while it is verified, and what it learns from how it went."""
+
+    def use(self) -> bool: ...
+
+    def observe(self, pipelined: bool, committed: int, seconds: float) -> None: ...
+
+
 @dataclass
 class RoundOutcome:
     round_id: int
@@ -102,13 +110,15 @@ def speculative_rounds(
     controller: Controller,
     max_new_tokens: int,
     max_context: int,
-    pipeline: bool = False,
+    pipeline: Pipelining | None = None,
+    follow_advice: bool = True,
 ) -> Iterator[RoundOutcome]:
     """Run rounds until `max_new_tokens` more tokens are committed or the context is full.
 
     `context` is the prompt plus every token produced so far; its last token is the target's
     pending token (chosen by the target, not yet in its KV cache). The controller picks K and N
-    each round and hears back how it went. The caller may stop early (EOS, stop strings) by
+    each round and hears back how it went; the target's advice (from its load) caps K unless
+    `follow_advice` is off. The caller may stop early (EOS, stop strings) by
     closing the generator.
     """
     context = list(context)
@@ -117,10 +127,13 @@ def speculative_rounds(
     ready: DraftAhead | None = None
     drafted_ahead = False
 
+    advised: int | None = None  # the target's advice from its load (None: none given)
+
     def round_k(length: int) -> int:
-        """K of a round after a context of `length` tokens: never past what the caller wants, nor
-        past the target's context limit."""
-        return max(0, min(k, max_new_tokens - (length - start_length) - 1, max_context - length))
+        """K of a round after a context of `length` tokens: never past the target's advice, what
+        the caller wants, nor the target's context limit."""
+        limit = k if advised is None else min(k, advised)
+        return max(0, min(limit, max_new_tokens - (length - start_length) - 1, max_context - length))
 
     with ThreadPoolExecutor(1, thread_name_prefix="verify") as executor:
         for round_id in itertools.count():
@@ -140,7 +153,8 @@ def speculative_rounds(
             tree = ready.tree if hit else proposer.propose(context, k_round, n)
             drafted_at = time.perf_counter()
             ahead = None
-            drafted_ahead = pipeline and len(tree) > 0
+            pipelined = pipeline is not None and pipeline.use()
+            drafted_ahead = pipelined and len(tree) > 0
             if drafted_ahead:
                 in_flight = executor.submit(target.verify, tree)
                 ahead = draft_ahead(proposer, context, tree, round_k, n)
@@ -148,8 +162,14 @@ def speculative_rounds(
             else:
                 result = target.verify(tree)
             committed = [*result.accepted_token_ids, result.next_token_id][:remaining]
+            if follow_advice and result.HasField("advised_draft_tokens"):
+                advised = result.advised_draft_tokens
+            else:
+                advised = None
             round_seconds = time.perf_counter() - start
             controller.observe((k, n), len(committed), round_seconds)
+            if pipeline is not None:
+                pipeline.observe(pipelined, len(committed), round_seconds)
             ready = use_ahead(ahead, tree, result) if ahead is not None else None
             context += committed
             produced += len(committed)

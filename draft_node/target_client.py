@@ -27,54 +27,71 @@ RECONNECT_BACKOFF_MAX_MS = 1000
 
 
 class TargetSession:
-    """An open target session; `verify` sends one round on the stream and waits for its answer."""
+    """An open target session; `verify` sends one round on the stream and waits for its answer.
+
+    A stream that ended (the target closes one idle for long, a refused round ends it with its
+    status) is replaced by a new one on the same connection at the next round; the session and its
+    round counter live on, since a round counts only once answered."""
 
     def __init__(self, client: TargetClient, opened: target_pb2.OpenSessionResponse) -> None:
         self.session_id = opened.session_id
         self.first_token_id = opened.first_token_id
         self._client = client
         self._round = 0
-        self._stream = client.run(client._open_stream)
+        self._stream: grpc.aio.StreamStreamCall | None = None
+        self.streams_opened = 0
 
     def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse:
         request = target_pb2.VerifyRequest(
             session_id=self.session_id, round_id=self._round, tree=tree.to_proto()
         )
+        response = self._client.run(lambda: self._round_trip(request))
         self._round += 1
-        return self._client.run(lambda: self._round_trip(request))
+        return response
 
     async def _round_trip(self, request: target_pb2.VerifyRequest) -> target_pb2.VerifyResponse:
         """One round on the stream, under the per-round deadline (the stream's own deadline covers
-        the whole generation): a round past it cancels the stream with DEADLINE_EXCEEDED."""
+        the whole generation): a round past it cancels the stream with DEADLINE_EXCEEDED. A stream
+        the target had ended without an error (idle) is replaced once and the round sent again:
+        the target answers every round it read, so this one was never run."""
         timeout = self._client.round_timeout_s
-        try:
-            await asyncio.wait_for(self._stream.write(request), timeout)
-            response = await asyncio.wait_for(self._stream.read(), timeout)
-        except TimeoutError:
-            self._stream.cancel()
-            raise RemoteCallError(
-                grpc.StatusCode.DEADLINE_EXCEEDED, f"verify round {request.round_id} took longer than {timeout}s"
-            ) from None
-        if response is grpc.aio.EOF:
-            await self._stream.wait_for_connection()
+        for attempt in range(2):
+            if self._stream is None or self._stream.done():
+                self._stream = await self._client._open_stream()
+                self.streams_opened += 1
+            try:
+                await asyncio.wait_for(self._stream.write(request), timeout)
+                response = await asyncio.wait_for(self._stream.read(), timeout)
+            except TimeoutError:
+                self._stream.cancel()
+                raise RemoteCallError(
+                    grpc.StatusCode.DEADLINE_EXCEEDED, f"verify round {request.round_id} took longer than {timeout}s"
+                ) from None
+            except asyncio.InvalidStateError:  # written after the target ended the stream (status OK)
+                response = grpc.aio.EOF
+            if response is not grpc.aio.EOF:
+                return response
+            if attempt == 0 and await self._stream.code() == grpc.StatusCode.OK:
+                continue
             raise grpc.aio.AioRpcError(
                 grpc.StatusCode.UNAVAILABLE,
                 grpc.aio.Metadata(),
                 grpc.aio.Metadata(),
                 "the target closed the verify stream",
             )
-        return response
+        raise AssertionError("unreachable")
 
     def close(self) -> None:
         """End the stream and free the target's KV cache (best effort: the TTL is the fallback)."""
         self._client.run(self._close)
 
     async def _close(self) -> None:
-        try:
-            await self._stream.done_writing()
-        except (grpc.RpcError, asyncio.InvalidStateError):
-            pass
-        self._stream.cancel()
+        if self._stream is not None:
+            try:
+                await self._stream.done_writing()
+            except (grpc.RpcError, asyncio.InvalidStateError):
+                pass
+            self._stream.cancel()
         try:
             await self._client.stub.CloseSession(
                 target_pb2.CloseSessionRequest(session_id=self.session_id),

@@ -30,7 +30,10 @@ class NodeConfig(BaseSettings):
     port: int = Field(description="gRPC port (0: pick a free one)")
     cache_dir: Path = Field(DEFAULT_CACHE_DIR, description="where assembled/dequantized weights are cached")
     metrics_port: int = Field(description="Prometheus /metrics port (0: pick a free one, -1: off)", ge=-1)
-    workers: int = Field(16, ge=1, description="gRPC server threads (concurrent calls)")
+    workers: int = Field(
+        16, ge=1, description="draft: gRPC server threads (concurrent calls); target: threads for prefills and "
+        "closes (rounds get their own, --max-queued-rounds)"
+    )
     threads: int = Field(
         0, ge=0, description="torch compute threads of a node process (0: torch's default, one per core)"
     )

@@ -99,20 +99,50 @@ def retry_hint_s(exc: grpc.RpcError) -> float | None:
     return None
 
 
-def _abort(context: grpc.ServicerContext, exc: Exception) -> None:
+def _status(context: Any, exc: Exception) -> tuple[grpc.StatusCode, str]:  # noqa: ANN401 - sync or aio context
+    """The status a servicer error ends its call with (the retry hint goes to trailing metadata)."""
     if isinstance(exc, ResourceExhausted) and exc.retry_after_s is not None:
         context.set_trailing_metadata(((RETRY_PUSHBACK_KEY, str(round(exc.retry_after_s * 1000))),))
     if isinstance(exc, SpecwireError) and exc.code != grpc.StatusCode.INTERNAL:
-        context.abort(exc.code, str(exc))
+        return exc.code, str(exc)
     if isinstance(exc, grpc.RpcError):  # an upstream call failed: keep its code
         code, details = rpc_status(exc)
-        context.abort(code, f"upstream: {details}")
+        return code, f"upstream: {details}"
     log.error("internal error", exc_info=exc)  # the detail stays here: callers get a generic message
-    context.abort(grpc.StatusCode.INTERNAL, INTERNAL_DETAILS)
+    return grpc.StatusCode.INTERNAL, INTERNAL_DETAILS
 
 
 def grpc_errors(method: F) -> F:
-    """Map SpecwireError (and unexpected exceptions) of a servicer method to a gRPC status."""
+    """Map SpecwireError (and unexpected exceptions) of a servicer method to a gRPC status: plain and
+    generator methods (thread-pool servers), coroutine and async-generator methods (grpc.aio)."""
+    if inspect.isasyncgenfunction(method):
+
+        @functools.wraps(method)
+        async def async_stream_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                async for response in method(self, request, context):
+                    yield response
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - every error becomes a status
+                if not context.done():
+                    await context.abort(*_status(context, exc))
+
+        return async_stream_wrapper  # type: ignore[return-value]
+
+    if inspect.iscoroutinefunction(method):
+
+        @functools.wraps(method)
+        async def async_unary_wrapper(self: Any, request: Any, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                return await method(self, request, context)
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:  # noqa: BLE001
+                await context.abort(*_status(context, exc))
+
+        return async_unary_wrapper  # type: ignore[return-value]
+
     if inspect.isgeneratorfunction(method):
 
         @functools.wraps(method)
@@ -122,7 +152,7 @@ def grpc_errors(method: F) -> F:
             except Exception as exc:  # noqa: BLE001 - every error becomes a status
                 if not context.is_active():  # the client cancelled or went away: nobody to tell
                     return
-                _abort(context, exc)
+                context.abort(*_status(context, exc))
 
         return stream_wrapper  # type: ignore[return-value]
 
@@ -131,6 +161,6 @@ def grpc_errors(method: F) -> F:
         try:
             return method(self, request, context)
         except Exception as exc:  # noqa: BLE001
-            _abort(context, exc)
+            context.abort(*_status(context, exc))
 
     return unary_wrapper  # type: ignore[return-value]

@@ -4,7 +4,7 @@ gRPC server interceptor recording every method's latency and status code."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -38,20 +38,26 @@ class GrpcMetricsInterceptor(grpc.ServerInterceptor):
             registry=registry,
         )
 
+    def observer(self, method_path: str) -> Callable[[float, Any], None]:
+        """What records one finished call of `method_path` ("/package.Service/Method")."""
+        service, _, method = method_path.rpartition("/")
+        service = service.lstrip("/")
+
+        def observe(start: float, context: Any) -> None:  # noqa: ANN401 - sync or aio context
+            code = context.code() if hasattr(context, "code") else None
+            name = (code or grpc.StatusCode.OK).name
+            self.handled.labels(service, method, name).inc()
+            self.seconds.labels(service, method, name).observe(time.perf_counter() - start)
+
+        return observe
+
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
         if handler is None:
             return None
-        service, _, method = details.method.rpartition("/")
-        service = service.lstrip("/")
-
-        def observe(start: float, context: grpc.ServicerContext) -> None:
-            code = context.code() if hasattr(context, "code") else None
-            name = (code or grpc.StatusCode.OK).name
-            self.handled.labels(service, method, name).inc()
-            self.seconds.labels(service, method, name).observe(time.perf_counter() - start)
+        observe = self.observer(details.method)
 
         def unary(behavior: Callable) -> Callable:
             def wrapper(request: Any, context: grpc.ServicerContext) -> Any:
@@ -73,10 +79,53 @@ class GrpcMetricsInterceptor(grpc.ServerInterceptor):
 
             return wrapper
 
-        if handler.unary_unary:
-            return handler._replace(unary_unary=unary(handler.unary_unary))
-        if handler.unary_stream:
-            return handler._replace(unary_stream=streaming(handler.unary_stream))
-        if handler.stream_unary:
-            return handler._replace(stream_unary=unary(handler.stream_unary))
-        return handler._replace(stream_stream=streaming(handler.stream_stream))
+        return wrap_handler(handler, unary, streaming)
+
+
+class AioGrpcMetricsInterceptor(grpc.aio.ServerInterceptor):
+    """The same metrics for a grpc.aio server (coroutine and async-generator behaviours)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.metrics = GrpcMetricsInterceptor(registry)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None:
+            return None
+        observe = self.metrics.observer(details.method)
+
+        def unary(behavior: Callable) -> Callable:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                try:
+                    return await behavior(request, context)
+                finally:
+                    observe(start, context)
+
+            return wrapper
+
+        def streaming(behavior: Callable) -> Callable:
+            async def wrapper(request: Any, context: grpc.aio.ServicerContext) -> Any:
+                start = time.perf_counter()
+                try:
+                    async for response in behavior(request, context):
+                        yield response
+                finally:
+                    observe(start, context)
+
+            return wrapper
+
+        return wrap_handler(handler, unary, streaming)
+
+
+def wrap_handler(handler: grpc.RpcMethodHandler, unary: Callable, streaming: Callable) -> Any:
+    """The handler with its behaviour wrapped: `unary` for unary responses, `streaming` for streams."""
+    if handler.unary_unary:
+        return handler._replace(unary_unary=unary(handler.unary_unary))
+    if handler.unary_stream:
+        return handler._replace(unary_stream=streaming(handler.unary_stream))
+    if handler.stream_unary:
+        return handler._replace(stream_unary=unary(handler.stream_unary))
+    return handler._replace(stream_stream=streaming(handler.stream_stream))

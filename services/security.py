@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -65,20 +65,51 @@ class ApiKeyInterceptor(grpc.ServerInterceptor):
     def __init__(self, keys: Sequence[bytes]) -> None:
         self.keys = list(keys)
 
+    def admits(self, details: grpc.HandlerCallDetails) -> bool:
+        return details.method.startswith(OPEN_METHODS) or key_is_valid(
+            presented_key(details.invocation_metadata), self.keys
+        )
+
     def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Any], details: grpc.HandlerCallDetails
     ) -> Any:
         handler = continuation(details)
-        if handler is None or details.method.startswith(OPEN_METHODS):
-            return handler
-        if key_is_valid(presented_key(details.invocation_metadata), self.keys):
+        if handler is None or self.admits(details):
             return handler
 
         def deny(request: Any, context: grpc.ServicerContext) -> Any:
             context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
 
-        kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
-        return handler._replace(**{kind: deny})
+        return _replace_behaviour(handler, deny)
+
+
+class AioApiKeyInterceptor(grpc.aio.ServerInterceptor):
+    """The same check for a grpc.aio server."""
+
+    def __init__(self, keys: Sequence[bytes]) -> None:
+        self.check = ApiKeyInterceptor(keys)
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]], details: grpc.HandlerCallDetails
+    ) -> Any:
+        handler = await continuation(details)
+        if handler is None or self.check.admits(details):
+            return handler
+
+        async def deny(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_DETAILS)
+
+        async def deny_stream(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            await deny(request, context)
+            yield  # an async generator, as a streaming behaviour is (the metrics interceptor iterates it)
+
+        streaming = handler.unary_stream or handler.stream_stream
+        return _replace_behaviour(handler, deny_stream if streaming else deny)
+
+
+def _replace_behaviour(handler: grpc.RpcMethodHandler, behaviour: Callable) -> Any:
+    kind = next(k for k in ("unary_unary", "unary_stream", "stream_unary", "stream_stream") if getattr(handler, k))
+    return handler._replace(**{kind: behaviour})
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None) -> grpc.ServerCredentials:

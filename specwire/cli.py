@@ -143,8 +143,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo.add_argument("--draft-model", default=DraftConfig.model_fields["model"].default)
     demo.add_argument(
         "--pipeline",
-        action=argparse.BooleanOptionalAction,
-        help="draft the next round during each verify (default: the draft node's, off)",
+        choices=["auto", "on", "off"],
+        help="draft the next round during each verify (default: the draft node's, auto)",
     )
     demo.add_argument("--adaptive", action="store_true", help="choose K/N from measured goodput")
     demo.add_argument("--http-port", type=int, default=8000, help="the playground page and OpenAI API")
@@ -171,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         draft_args = ["--model", args.draft_model]
         if args.pipeline is not None:
-            draft_args.append("--pipeline" if args.pipeline else "--no-pipeline")
+            draft_args += ["--pipeline", args.pipeline]
         print("starting a target and a draft node (the first start assembles the weights)...", file=sys.stderr)
         draft_args += ["--adaptive"] if args.adaptive else []
         with local_pair(["--model", args.target_model], draft_args, http=True, http_port=args.http_port) as pair:

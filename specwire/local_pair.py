@@ -12,7 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -71,25 +71,34 @@ def local_pair(
     logs: Path | None = None,
     metrics: bool = False,
     http_port: int | None = None,
+    prefixes: dict[str, Sequence[str]] | None = None,
+    draft_target: Callable[[int], str] | None = None,
 ) -> Iterator[LocalPair]:
     """Start `specwire target` and `specwire draft` (extra flags as given) on free loopback ports,
     wait until both report SERVING, and stop both on exit. Node logs go to `logs` (a temp dir).
-    With `http`, the draft serves its HTTP API (the playground page) on `http_port` (None: a free one)."""
+    With `http`, the draft serves its HTTP API (the playground page) on `http_port` (None: a free one).
+    `prefixes` puts a command before a node's python ("target" / "draft", e.g. `taskset -c 0` to pin
+    it to a core); `draft_target` turns the target's port into the address the draft dials (e.g. a
+    relay in front of the target; default the target itself on loopback)."""
     logs = logs or Path(tempfile.mkdtemp(prefix="specwire-pair-"))
     logs.mkdir(parents=True, exist_ok=True)
     target_port, draft_port = free_port(), free_port()
     http_port = (http_port or free_port()) if http else None
     metrics_ports = {"target": free_port(), "draft": free_port()} if metrics else {}
     cli = [sys.executable, "-m", "specwire"]
+    prefixes = prefixes or {}
+    target_address = draft_target(target_port) if draft_target else f"127.0.0.1:{target_port}"
     commands = {
         "target": [
+            *prefixes.get("target", ()),
             *cli, "target", "--port", str(target_port), "--metrics-port", str(metrics_ports.get("target", -1)),
             *target_args,
         ],
         "draft": [
+            *prefixes.get("draft", ()),
             *cli, "draft", "--port", str(draft_port), "--metrics-port", str(metrics_ports.get("draft", -1)),
             "--http-port", str(http_port if http else -1),
-            "--target", f"127.0.0.1:{target_port}", *draft_args,
+            "--target", target_address, *draft_args,
         ],
     }  # fmt: skip
     processes: dict[str, subprocess.Popen] = {}

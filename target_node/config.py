@@ -51,6 +51,17 @@ class TargetConfig(NodeConfig):
         "available at start-up after the model loaded: MemAvailable, or the GPU's free memory; 0: off)",
     )
     session_ttl_s: float = Field(300.0, gt=0, description="idle sessions are closed after this long")
+    max_queued_rounds: int = Field(
+        128, ge=1, description="verify rounds in flight at once (running or waiting for a batch); past it a round "
+        "is refused with RESOURCE_EXHAUSTED and a retry hint, which the draft honours"
+    )
+    draft_advice: bool = Field(
+        True, description="advise each round's draft length from the load (the K of highest total goodput, 0 "
+        "under heavy load: plain decoding rounds); off: drafts choose alone"
+    )
+    stream_idle_timeout_s: float = Field(
+        60.0, gt=0, description="a VerifyStream with no round for this long is ended (its session stays)"
+    )
     max_prompt_tokens: int = Field(4096, ge=1, description="longest prompt a session may prefill")
     max_context_tokens: int = Field(
         0, ge=0, description="prompt + generated per session (0: the model's limit)"

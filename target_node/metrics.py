@@ -47,6 +47,12 @@ class TargetMetrics:
             buckets=(1, 2, 4, 8, 16, 32, 64),
             registry=registry,
         )
+        self.advised_draft_tokens = Histogram(
+            "specwire_target_advised_draft_tokens",
+            "Draft length advised to the drafts with a round's answer (0: plain decoding rounds), under load",
+            buckets=(0, 1, 2, 3, 4, 6, 8, 12, 16),
+            registry=registry,
+        )
         self.session_rebuilds = Counter(
             "specwire_target_session_rebuilds_total",
             "Sessions re-prefilled from the committed tokens a request carried (serverless replicas)",

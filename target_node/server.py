@@ -21,12 +21,20 @@ def start_target(
 ) -> RunningServer[Verifier]:
     """Build the verifier (unless given; from `loaded` if given) and serve it; returns once bound."""
     verifier = verifier or build_verifier(config, loaded)
+    settings = verifier.config  # the verifier's own (a test may hand in one built with other limits)
+    servicer = TargetServicer(verifier, settings.max_queued_rounds, settings.stream_idle_timeout_s, config.workers)
+
+    def cleanup() -> None:
+        servicer.stop()
+        verifier.stop()
+
     running = start_node(
-        [(target_pb2_grpc.add_TargetServiceServicer_to_server, TargetServicer(verifier), SERVICE_NAME)],
+        [(target_pb2_grpc.add_TargetServiceServicer_to_server, servicer, SERVICE_NAME)],
         config,
         verifier,
-        verifier.stop,
+        cleanup,
         verifier.metrics.registry,
+        asynchronous=True,
     )
     verifier.sessions.start_reaper()
     log.info(

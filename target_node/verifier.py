@@ -14,6 +14,7 @@ from services.sampling import effective_sampling
 from services.token_noise import TokenNoise
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
+from target_node.draft_advice import MAX_ADVISED_DRAFT_TOKENS, DraftAdvisor
 from target_node.metrics import TargetMetrics
 from target_node.session import ANONYMOUS, Session, SessionStore
 from target_node.strategies import STRATEGIES, make_strategy
@@ -72,6 +73,11 @@ class Verifier:
             shared_bytes=backend.shared_cache_bytes,
             shrink_shared=backend.shrink_shared_caches,
         )
+        self.advisor = (
+            DraftAdvisor(backend.forward_cost, min(MAX_ADVISED_DRAFT_TOKENS, config.max_tree_nodes))
+            if config.draft_advice and backend.forward_cost is not None
+            else None
+        )
         metrics.backend.info(backend.describe())
         metrics.track_sessions(
             lambda: len(self.sessions),
@@ -80,6 +86,8 @@ class Verifier:
 
     def _on_session_removed(self, session: Session, reason: str) -> None:
         self.backend.close(session)
+        if self.advisor is not None:
+            self.advisor.forget(session.session_id)
         self.metrics.sessions_removed.labels(reason).inc()
 
     def info(self) -> target_pb2.InfoResponse:
@@ -157,6 +165,7 @@ class Verifier:
         )
 
     def verify(self, request: target_pb2.VerifyRequest, owner: str = ANONYMOUS) -> target_pb2.VerifyResponse:
+        received = time.monotonic()
         session = self.sessions.get(request.session_id, owner)
         with session.lock:
             if session.closed:  # closed, expired or evicted after `get` found it
@@ -186,6 +195,14 @@ class Verifier:
             self.metrics.forward_seconds.observe(elapsed)
             self.metrics.batch_size.observe(result.batch_size)
             self.sessions.evict_over_budget(keep=session)
+            advice = None
+            if self.advisor is not None:
+                self.advisor.record_round(
+                    session.session_id, max(tree.depths(), default=0), len(accepted_tokens), received
+                )
+                advice = self.advisor.advise()
+                if advice is not None:
+                    self.metrics.advised_draft_tokens.observe(advice)
             return target_pb2.VerifyResponse(
                 session_id=session.session_id,
                 round_id=request.round_id,
@@ -200,6 +217,7 @@ class Verifier:
                 batch_size=result.batch_size,
                 accepted_logprobs=[result.node_logprobs[n] for n in decision.accepted_nodes],
                 next_token_logprob=result.next_logprob,
+                advised_draft_tokens=advice,
             )
 
     def verify_or_rebuild(

@@ -131,7 +131,7 @@ class CandidateResult(_message.Message):
     def __init__(self, leaf_node_id: _Optional[int] = ..., length: _Optional[int] = ..., accepted_length: _Optional[int] = ..., target_logprob: _Optional[float] = ...) -> None: ...
 
 class VerifyResponse(_message.Message):
-    __slots__ = ("session_id", "round_id", "accepted_node_ids", "accepted_token_ids", "next_token_id", "next_is_bonus", "context_length", "tree_nodes", "verify_seconds", "candidates", "batch_size", "accepted_logprobs", "next_token_logprob")
+    __slots__ = ("session_id", "round_id", "accepted_node_ids", "accepted_token_ids", "next_token_id", "next_is_bonus", "context_length", "tree_nodes", "verify_seconds", "candidates", "batch_size", "accepted_logprobs", "next_token_logprob", "advised_draft_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     ROUND_ID_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_NODE_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -145,6 +145,7 @@ class VerifyResponse(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     NEXT_TOKEN_LOGPROB_FIELD_NUMBER: _ClassVar[int]
+    ADVISED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     round_id: int
     accepted_node_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -158,7 +159,8 @@ class VerifyResponse(_message.Message):
     batch_size: int
     accepted_logprobs: _containers.RepeatedScalarFieldContainer[float]
     next_token_logprob: float
-    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., accepted_node_ids: _Optional[_Iterable[int]] = ..., accepted_token_ids: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., next_is_bonus: _Optional[bool] = ..., context_length: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., verify_seconds: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateResult, _Mapping]]] = ..., batch_size: _Optional[int] = ..., accepted_logprobs: _Optional[_Iterable[float]] = ..., next_token_logprob: _Optional[float] = ...) -> None: ...
+    advised_draft_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., round_id: _Optional[int] = ..., accepted_node_ids: _Optional[_Iterable[int]] = ..., accepted_token_ids: _Optional[_Iterable[int]] = ..., next_token_id: _Optional[int] = ..., next_is_bonus: _Optional[bool] = ..., context_length: _Optional[int] = ..., tree_nodes: _Optional[int] = ..., verify_seconds: _Optional[float] = ..., candidates: _Optional[_Iterable[_Union[CandidateResult, _Mapping]]] = ..., batch_size: _Optional[int] = ..., accepted_logprobs: _Optional[_Iterable[float]] = ..., next_token_logprob: _Optional[float] = ..., advised_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class CloseSessionRequest(_message.Message):
     __slots__ = ("session_id",)
