@@ -50,7 +50,7 @@ bench: install-models llamacpp  ## 10 GSM8K + 10 HumanEval, 128 tokens: target a
 	$(PYTHON) -m benchmarks.bench --gsm8k 10 --humaneval 10 --max-tokens 128 --out-dir benchmarks/results/bench-cpu
 
 bench-link: install-models  ## the pair over a delaying relay (RTT 0-100 ms), one core each, pipelining off/on/auto, vs the target alone
-	$(PYTHON) -m benchmarks.link --rtt-ms 0 10 20 50 100 --pipeline off on auto --out benchmarks/results/link_cpu.json
+	$(PYTHON) -m benchmarks.link --rtt-ms 0 10 20 50 100 --pipeline off on auto --prompts 2 --max-tokens 64 --out benchmarks/results/link_cpu.json
 
 bench-capacity: install-models  ## one target, 1/2/4/8 OpenAI clients: specwire vs plain batched decoding on the same target
 	$(PYTHON) -m benchmarks.load --capacity --clients 1 2 4 8 --max-tokens 64 --out benchmarks/results/capacity_cpu.json

@@ -16,6 +16,7 @@ import threading
 from draft_node.controller import ArmStats
 
 log = logging.getLogger(__name__)
+MARGIN = 0.05  # the other mode must be this much better to take over (equal modes would flip-flop)
 
 
 class FixedPipeline:
@@ -56,12 +57,12 @@ class PipelineSwitch:
             self.stats[pipelined].add(committed, seconds, self.alpha)
             if any(s.rounds < self.min_rounds for s in self.stats.values()):
                 return
-            best = self.stats[True].goodput > self.stats[False].goodput
-            if best != self.best:
+            current, other = self.stats[self.best].goodput, self.stats[not self.best].goodput
+            if other > current * (1 + MARGIN):  # a clear difference, not noise: switch
                 log.info(
                     "pipelining %s: %.2f tok/s drafting ahead vs %.2f tok/s not",
-                    "on" if best else "off",
+                    "off" if self.best else "on",
                     self.stats[True].goodput,
                     self.stats[False].goodput,
                 )
-                self.best = best
+                self.best = not self.best
