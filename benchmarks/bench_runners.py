@@ -92,7 +92,11 @@ class SpecwireOpenAIRunner:
 
     def __init__(self, base_url: str, settings: Settings, tokenizer: object) -> None:
         self.client = httpx.Client(base_url=base_url.rstrip("/"), timeout=600)
-        self.model = self.client.get("/v1/models").json()["data"][0]["id"]
+        models = self.client.get("/v1/models")
+        models.raise_for_status()
+        if "data" not in models.json():
+            raise RuntimeError(f"{base_url}/v1/models answered {models.text[:300]!r}")
+        self.model = models.json()["data"][0]["id"]
         self.settings, self.tokenizer = settings, tokenizer
 
     def generate(self, sample_id: str, prompt_text: str) -> Generation:

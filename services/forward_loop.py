@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from concurrent.futures import Future
 from typing import Generic, Protocol, TypeVar
@@ -46,20 +45,13 @@ class ForwardJob(Protocol[R]):
 
 class ForwardLoop(Generic[R]):
     def __init__(
-        self,
-        build_decoder: Callable[[], GGUFDecoder],
-        name: str,
-        max_rows: int = 512,
-        max_jobs: int = 64,
-        on_forward: Callable[[int, float], None] = lambda rows, seconds: None,
+        self, build_decoder: Callable[[], GGUFDecoder], name: str, max_rows: int = 512, max_jobs: int = 64
     ) -> None:
         """`build_decoder` runs on the loop's thread (its weight repacking is torch work too, and a
         second thread with OpenMP workers would make every later parallel region pay a wake-up:
         11 ms of a 0.5B draft step on 2 cores). `max_rows`: rows one forward takes (a long prompt
-        is split into chunks of at most this); `max_jobs`: jobs one forward takes; `on_forward`
-        hears each forward's rows and seconds."""
+        is split into chunks of at most this); `max_jobs`: jobs one forward takes."""
         self.max_rows = max_rows
-        self.on_forward = on_forward
         self.max_jobs = max_jobs
         self._arrivals: queue.Queue[tuple[ForwardJob, Future] | Callable[[], None] | None] = queue.Queue()
         self._stopped = threading.Event()
@@ -135,9 +127,7 @@ class ForwardLoop(Generic[R]):
         finished = {id(f) for _, f in active if f.done()}
         if batch:
             try:
-                start = time.perf_counter()
                 logits = self.decoder.forward(rows)
-                self.on_forward(sum(len(r.token_ids) for r in rows), time.perf_counter() - start)
             except BaseException as exc:  # noqa: BLE001
                 self._after_failed_forward(batch, exc)
             else:

@@ -56,8 +56,8 @@ class TargetConfig(NodeConfig):
         "is refused with RESOURCE_EXHAUSTED and a retry hint, which the draft honours"
     )
     draft_advice: bool = Field(
-        True, description="advise each round's draft length from the load (the K of highest total goodput, 0 "
-        "under heavy load: plain decoding rounds); off: drafts choose alone"
+        True, description="under load, advise each round's draft length (no cap, 2, or 0: plain decoding rounds), "
+        "whichever measured the most tokens a second in total at this load; off: drafts choose alone"
     )
     stream_idle_timeout_s: float = Field(
         60.0, gt=0, description="a VerifyStream with no round for this long is ended (its session stays)"

@@ -1,17 +1,16 @@
 """How many tokens the drafts should draft next round, given the load: speculation that adapts.
 
-Alone, a session gains from every draft token the target accepts. Many sessions share each
-forward, and there every drafted row makes everyone's round slower: past some load a plain decoding
-round (nothing drafted) gives more tokens a second in total (SmartSpec's goodput argument). The
-target sees what it needs to choose: what its forwards cost by rows (measured), how many sessions
-verify now, how often draft tokens are accepted, and how long a draft takes between its rounds
-(drafting and the link). It picks, for the load now, the K that maximises
-
-    goodput(K) = B * (1 + a + a^2 + ... + a^K) / (forward(B * (K + 1)) + gap(K))
-
-(B sessions, per-token acceptance a, gap(K) = g0 + g1 * K fitted to the measured gaps) and sends
-it with every round's answer; the draft drafts at most that many (0: a plain round). A lone
-session gets no advice: the draft's own rule (chain probability, its controller) is in charge.
+Alone, a session gains from every draft token the target accepts. Many sessions share each forward,
+and there every drafted row makes everyone's round slower, and drafts computed beside the target
+(one machine) take its cores: past some load plain decoding rounds (nothing drafted) give more
+tokens a second in total (SmartSpec's goodput argument; vLLM users report 1.4-1.8x slowdowns from
+speculation at high load). Which load that is depends on the hardware, the link, the models and
+where the drafts run, so the target measures it rather than model it: while more than one session
+verifies, time is cut into epochs, each with one draft-length cap sent to every draft with its
+answers (0: plain rounds; None: no cap, the draft's own rule), and each epoch's total goodput
+(committed tokens a second, all sessions together) is kept per cap and per load (sessions
+verifying, in powers of two). The best cap for the load now is used, every `probe_every`-th epoch
+tries another, so the choice follows changes. A session alone gets no advice.
 """
 
 from __future__ import annotations
@@ -20,86 +19,74 @@ import threading
 import time
 from collections.abc import Callable
 
-from services.forward_cost import ForwardCost
-
-ALPHA = 0.05  # weight of a new round in the running sums
-ACTIVE_WINDOW_S = 1.0
-MAX_ADVISED_DRAFT_TOKENS = 16  # longest draft the advice considers (the drafts' own K caps it too)  # a session counts as verifying when its last round ended this recently
+ACTIVE_WINDOW_S = 1.0  # a session counts as verifying when its last round ended this recently (or
+# within two of its rounds' usual spacing, when rounds take longer)
+CAPS: tuple[int | None, ...] = (None, 0, 2)  # the draft lengths tried: no cap, plain rounds, short drafts
+ALPHA = 0.3  # weight of a new epoch's goodput
 
 
 class DraftAdvisor:
-    def __init__(self, cost: ForwardCost, k_max: int, clock: Callable[[], float] = time.monotonic) -> None:
-        self.cost, self.k_max, self.clock = cost, k_max, clock
-        self.accepted = 0.0  # running sums for the per-token acceptance estimate
-        self.rejected = 0.0
-        self.gap = [0.0, 0.0, 0.0, 0.0, 0.0]  # weighted sums of 1, k, gap, k*gap, k*k
-        self._last_answer: dict[str, float] = {}  # session -> when its last round was answered
+    def __init__(
+        self, epoch_s: float = 2.0, probe_every: int = 4, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.epoch_s, self.probe_every, self.clock = epoch_s, probe_every, clock
+        self.goodput: dict[tuple[int, int | None], float] = {}  # (load bucket, cap) -> tokens / s
+        self.epochs: dict[tuple[int, int | None], int] = {}
+        self.cap: int | None = None  # advised in the current epoch
+        self.epoch_start = clock()
+        self.epoch_tokens = 0
+        self.epoch_load = 0
+        self.epoch_count = 0
         self.cycle_s = 0.0  # running mean of the time between a session's answers
+        self._last_answer: dict[str, float] = {}  # session -> when its last round was answered
         self._lock = threading.Lock()
 
-    def record_round(self, session_id: str, drafted: int, accepted: int, received_at: float) -> None:
-        """A round of `drafted` draft positions (the trie's depth), `accepted` of them accepted,
-        that arrived at `received_at` (clock time)."""
+    def record_round(self, session_id: str, committed: int) -> None:
+        """A round was answered that committed `committed` tokens (accepted + the target's own)."""
         with self._lock:
-            if drafted:
-                self.accepted = (1 - ALPHA) * self.accepted + accepted
-                self.rejected = (1 - ALPHA) * self.rejected + (accepted < drafted)
+            now = self.clock()
             answered = self._last_answer.get(session_id)
             if answered is not None:
-                gap = max(0.0, received_at - answered)
-                self.gap = [(1 - ALPHA) * s for s in self.gap]
-                for i, value in enumerate((1, drafted, gap, drafted * gap, drafted * drafted)):
-                    self.gap[i] += value
-            now = self.clock()
-            if answered is not None:
-                self.cycle_s += (ALPHA if self.cycle_s else 1.0) * (now - answered - self.cycle_s)
+                self.cycle_s += (0.1 if self.cycle_s else 1.0) * (now - answered - self.cycle_s)
             self._last_answer[session_id] = now
+            self.epoch_tokens += committed
+            if now - self.epoch_start >= self.epoch_s:
+                self._end_epoch(now)
 
     def forget(self, session_id: str) -> None:
         with self._lock:
             self._last_answer.pop(session_id, None)
 
-    def active_sessions(self) -> int:
-        now = self.clock()
-        window = max(ACTIVE_WINDOW_S, 2 * self.cycle_s)
-        with self._lock:
-            return sum(1 for t in self._last_answer.values() if now - t < window)
-
-    def acceptance(self) -> float:
-        """Per-token acceptance: accepted / (accepted + first rejections), the geometric estimate."""
-        total = self.accepted + self.rejected
-        return self.accepted / total if total else 0.0
-
-    def gap_seconds(self, k: int) -> float:
-        """The draft's time between an answer and its next round, for K draft tokens: g0 + g1 * K by
-        weighted least squares; with one K only seen, the gap is split evenly over its K + 1 tokens."""
-        n, sk, sg, skg, skk = self.gap
-        if n <= 0:
-            return 0.0
-        mean_k, mean_g = sk / n, sg / n
-        variance = skk / n - mean_k**2
-        if variance > 0.25:
-            g1 = max(0.0, (skg / n - mean_k * mean_g) / variance)
-            g0 = max(0.0, mean_g - g1 * mean_k)
-        else:
-            g0 = g1 = mean_g / (mean_k + 1)
-        return g0 + g1 * k
-
     def advise(self) -> int | None:
-        """The K that maximises total goodput at the current load; None while there is no advice
-        to give (one session, or the costs not measured yet)."""
-        sessions = self.active_sessions()
-        if sessions <= 1:
-            return None
-        a = self.acceptance()
-        best, best_goodput = None, 0.0
+        """The cap of the current epoch while more than one session verifies; else None."""
         with self._lock:
-            for k in range(self.k_max + 1):
-                forward = self.cost.seconds(sessions * (k + 1))
-                if forward is None:
-                    return None
-                tokens = sum(a**i for i in range(k + 1))
-                goodput = sessions * tokens / (forward + self.gap_seconds(k))
-                if goodput > best_goodput:
-                    best, best_goodput = k, goodput
+            return self.cap if self._active(self.clock()) > 1 else None
+
+    def _active(self, now: float) -> int:
+        window = max(ACTIVE_WINDOW_S, 2 * self.cycle_s)
+        return sum(1 for t in self._last_answer.values() if now - t < window)
+
+    def _end_epoch(self, now: float) -> None:
+        """Book the epoch's goodput under its load and cap, and choose the next epoch's cap."""
+        if self.epoch_load > 1:
+            key = (self.epoch_load, self.cap)
+            goodput = self.epoch_tokens / (now - self.epoch_start)
+            self.epochs[key] = self.epochs.get(key, 0) + 1
+            self.goodput[key] = goodput if key not in self.goodput else (
+                self.goodput[key] + ALPHA * (goodput - self.goodput[key])
+            )
+        active = self._active(now)
+        load = 1 << (active - 1).bit_length() if active > 1 else active  # 2, 4, 8, ...
+        self.epoch_count += 1
+        self.cap = self._choose(load)
+        self.epoch_start, self.epoch_tokens, self.epoch_load = now, 0, load
+
+    def _choose(self, load: int) -> int | None:
+        unmeasured = [cap for cap in CAPS if self.epochs.get((load, cap), 0) < 2]
+        if unmeasured:
+            return unmeasured[0]
+        best = max(CAPS, key=lambda cap: self.goodput[(load, cap)])
+        if self.epoch_count % self.probe_every == 0:  # re-measure another, in turn
+            others = [cap for cap in CAPS if cap != best]
+            return others[(self.epoch_count // self.probe_every) % len(others)]
         return best

@@ -14,7 +14,7 @@ from services.sampling import effective_sampling
 from services.token_noise import TokenNoise
 from target_node.backends.base import RoundResult, VerifyBackend
 from target_node.config import TargetConfig
-from target_node.draft_advice import MAX_ADVISED_DRAFT_TOKENS, DraftAdvisor
+from target_node.draft_advice import DraftAdvisor
 from target_node.metrics import TargetMetrics
 from target_node.session import ANONYMOUS, Session, SessionStore
 from target_node.strategies import STRATEGIES, make_strategy
@@ -73,11 +73,7 @@ class Verifier:
             shared_bytes=backend.shared_cache_bytes,
             shrink_shared=backend.shrink_shared_caches,
         )
-        self.advisor = (
-            DraftAdvisor(backend.forward_cost, min(MAX_ADVISED_DRAFT_TOKENS, config.max_tree_nodes))
-            if config.draft_advice and backend.forward_cost is not None
-            else None
-        )
+        self.advisor = DraftAdvisor() if config.draft_advice else None
         metrics.backend.info(backend.describe())
         metrics.track_sessions(
             lambda: len(self.sessions),
@@ -165,7 +161,6 @@ class Verifier:
         )
 
     def verify(self, request: target_pb2.VerifyRequest, owner: str = ANONYMOUS) -> target_pb2.VerifyResponse:
-        received = time.monotonic()
         session = self.sessions.get(request.session_id, owner)
         with session.lock:
             if session.closed:  # closed, expired or evicted after `get` found it
@@ -197,9 +192,7 @@ class Verifier:
             self.sessions.evict_over_budget(keep=session)
             advice = None
             if self.advisor is not None:
-                self.advisor.record_round(
-                    session.session_id, max(tree.depths(), default=0), len(accepted_tokens), received
-                )
+                self.advisor.record_round(session.session_id, len(accepted_tokens) + 1)
                 advice = self.advisor.advise()
                 if advice is not None:
                     self.metrics.advised_draft_tokens.observe(advice)

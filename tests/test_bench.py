@@ -4,8 +4,10 @@ and a whole run on tiny models writes its JSON, table and plots with greedy outp
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -17,6 +19,7 @@ from benchmarks.bench_report import acceptance_by_position, percentile
 from benchmarks.bench_runners import HFRunner, Settings
 from draft_node.proposers import eos_token_ids
 from services.model_loading import load_model
+from tests.parallel import selected_params
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -130,12 +133,26 @@ def test_hf_assisted_drafts_the_k_it_is_labelled_with(tiny):
     assert draft.model.generation_config.assistant_confidence_threshold == 0.0
 
 
-@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"))
-def test_benchmark_scripts_start_as_documented(script):
-    """Run by path (`python benchmarks/x.py`), a script's folder comes first on sys.path, so a
-    benchmark named like a package that transformers probes (`kernels`) broke every model load."""
+def start_as_documented(script: str) -> subprocess.CompletedProcess:
     path = ROOT / "benchmarks" / script
     documented = f"python benchmarks/{script}" in path.read_text()
     command = [sys.executable, str(path)] if documented else [sys.executable, "-m", f"benchmarks.{path.stem}"]
-    out = subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    return subprocess.run([*command, "--help"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def started(request: pytest.FixtureRequest) -> dict[str, subprocess.CompletedProcess]:
+    """Every selected script's `--help`, one process per core at a time (each spends its seconds
+    importing torch and transformers on one core)."""
+    cases = selected_params(request, test_benchmark_scripts_start_as_documented)
+    scripts = [case["script"] for case in cases]
+    with ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        return dict(zip(scripts, pool.map(start_as_documented, scripts), strict=True))
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (ROOT / "benchmarks").glob("*.py") if p.stem != "__init__"))
+def test_benchmark_scripts_start_as_documented(started, script):
+    """Run by path (`python benchmarks/x.py`), a script's folder comes first on sys.path, so a
+    benchmark named like a package that transformers probes (`kernels`) broke every model load."""
+    out = started[script]
     assert out.returncode == 0, out.stderr[-2000:]

@@ -18,10 +18,12 @@ from pathlib import Path
 import pytest
 import torch
 
+from services.model_loading import load_model
 from services.rpc.specwire.v1 import draft_pb2, target_pb2
 from services.sampling import target_probs
 from target_node.kernels import TorchKernels
 from target_node.kernels.torch_ref import inverse_cdf
+from tests.parallel import run_side_by_side, selected_params
 from tests.tiny_models import build_model
 
 PROMPT = "The quick brown fox"
@@ -149,30 +151,77 @@ class ResidualIgnored(TorchKernels):
         return result
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("strategy", "proposer", "pipeline"),
-    [("probabilistic", "hf", False), ("probabilistic", "vllm", True), ("gumbel", "hf", True)],
-    ids=["probabilistic-N1", "probabilistic-vllm-N3-pipelined", "gumbel-N1-pipelined"],
-)
-def test_sampled_text_has_the_target_distribution(
-    tiny, draft_disagreeing, target_distribution, pair_factory, strategy, proposer, pipeline
-):
+def sample(
+    target: str,
+    draft: str,
+    draws: int,
+    strategy: str,
+    overrides: tuple[tuple[str, object], ...],
+    broken: bool,
+) -> tuple[Counter, float, float]:
+    """`draws` generations through a pair of servers of its own (run in a worker process), with
+    `ResidualIgnored` as the target's kernels if `broken`: the outcomes, and the target's accepted
+    and verified token counts."""
+    from tests.conftest import start_pair
+
+    pair = start_pair(load_model(target), draft, **dict(overrides))
+    try:
+        if broken:
+            pair.target.node.backend.kernels = ResidualIgnored()
+        counts = draw(pair, draws, strategy=strategy)
+        metrics = pair.target.node.metrics
+        return counts, metrics.accepted_tokens._value.get(), metrics.nodes_verified._value.get()
+    finally:
+        pair.draft.stop(0)
+        pair.target.stop(0)
+
+
+def pair_overrides(proposer: str, pipeline: bool) -> tuple[tuple[str, object], ...]:
     overrides = dict(proposer=proposer, pipeline=pipeline)
     if proposer == "vllm":
         overrides.update(num_candidates=3, vllm_max_model_len=512)
-    pair = pair_factory(draft_disagreeing, **overrides)
-    counts = draw(pair, DRAWS, strategy=strategy)
+    return tuple(overrides.items())
+
+
+@pytest.fixture(scope="module")
+def samples(request: pytest.FixtureRequest, tiny, draft_disagreeing) -> dict:
+    """The draws of every selected test below, one pair of servers per core at a time (a pair in
+    one process is bound by Python's lock to about one core): the same seeded requests and checks,
+    in about half the wall time. Keyed by `sampled` / `broken_call`."""
+    cases = selected_params(request, test_sampled_text_has_the_target_distribution)
+    calls = [sampled(tiny, draft_disagreeing, **case) for case in cases]  # the longest first
+    calls += [
+        broken_call(tiny, draft_disagreeing)
+        for _ in selected_params(request, test_broken_residual_rule_is_caught)
+    ]
+    return run_side_by_side(calls)
+
+
+def sampled(tiny, draft: str, strategy: str, proposer: str, pipeline: bool) -> tuple:
+    return sample, (tiny.target, draft, DRAWS, strategy, pair_overrides(proposer, pipeline), False)
+
+
+def broken_call(tiny, draft: str) -> tuple:
+    return sample, (tiny.target, draft, DRAWS // 4, "probabilistic", (("pipeline", True),), True)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("strategy", "proposer", "pipeline"),
+    [("probabilistic", "vllm", True), ("probabilistic", "hf", False), ("gumbel", "hf", True)],
+    ids=["probabilistic-vllm-N3-pipelined", "probabilistic-N1", "gumbel-N1-pipelined"],
+)
+def test_sampled_text_has_the_target_distribution(
+    tiny, draft_disagreeing, target_distribution, samples, strategy, proposer, pipeline
+):
+    counts, accepted, verified = samples[sampled(tiny, draft_disagreeing, strategy, proposer, pipeline)]
     stat, df = chi_square(counts, target_distribution, DRAWS)
     assert stat < critical_value(df), (stat, df, counts.most_common(8))
-    metrics = pair.target.node.metrics  # the draft was really used: some tokens accepted, some not
-    accepted, verified = metrics.accepted_tokens._value.get(), metrics.nodes_verified._value.get()
+    # the draft was really used: some tokens accepted, some not
     assert 0 < accepted < verified, (accepted, verified)
 
 
 @pytest.mark.slow
-def test_broken_residual_rule_is_caught(tiny, draft_disagreeing, target_distribution, pair_factory):
-    pair = pair_factory(draft_disagreeing, pipeline=True)
-    pair.target.node.backend.kernels = ResidualIgnored()
-    counts = draw(pair, DRAWS // 4, strategy="probabilistic")
+def test_broken_residual_rule_is_caught(tiny, draft_disagreeing, target_distribution, samples):
+    counts, _, _ = samples[broken_call(tiny, draft_disagreeing)]
     assert not fits(counts, target_distribution, DRAWS // 4)

@@ -11,6 +11,7 @@ from services.rpc.specwire.v1 import target_pb2
 from services.sampling import target_probs
 from services.token_noise import Stream, TokenNoise
 from target_node.strategies import make_strategy
+from tests.parallel import run_side_by_side, selected_params
 
 VOCAB = 8
 NOISE = TokenNoise(0)
@@ -65,18 +66,10 @@ def draft_tree(q_root: torch.Tensor, q_child: dict[int, torch.Tensor], width: in
     return tree
 
 
-@pytest.mark.parametrize(
-    ("name", "width"), [("probabilistic", 1), ("probabilistic", 2), ("probabilistic", 3), ("gumbel", 3)]
-)
-@pytest.mark.parametrize(
-    "sampling",
-    [
-        target_pb2.SamplingParams(temperature=1.0),
-        target_pb2.SamplingParams(temperature=0.7, top_k=5, top_p=0.9),
-    ],
-    ids=["t1", "t0.7-k5-p0.9"],
-)
-def test_lossless_strategies_reproduce_target_distribution(name, width, sampling):
+def lossless_draws(name: str, width: int, sampling_bytes: bytes) -> tuple[torch.Tensor, ...]:
+    """20,000 rounds of `name` over depth-2 tries of `width` root children (a worker process runs
+    this): the logits, and counts of the first token and of the token after each first token."""
+    sampling = target_pb2.SamplingParams.FromString(sampling_bytes)
     gen = torch.Generator().manual_seed(width)
     logits_root = torch.randn(VOCAB, generator=gen) * 1.5
     logits_after = {t: torch.randn(VOCAB, generator=gen) * 1.5 for t in range(VOCAB)}
@@ -96,14 +89,11 @@ def test_lossless_strategies_reproduce_target_distribution(name, width, sampling
         first[tokens[0]] += 1
         if len(tokens) > 1:
             second[tokens[0], tokens[1]] += 1
-    assert chi_square_fits(first, target_probs(logits_root, sampling))
-    for a in range(VOCAB):
-        if second[a].sum() >= 2000:
-            assert chi_square_fits(second[a], target_probs(logits_after[a], sampling)), a
+    return logits_root, logits_after, first, second
 
 
-def test_point_mass_drafts_are_lossless():
-    """n-gram drafts carry no q: every node is a point mass."""
+def point_mass_draws() -> tuple[torch.Tensor, torch.Tensor]:
+    """n-gram drafts carry no q: every node is a point mass (20,000 rounds, in a worker process)."""
     gen = torch.Generator().manual_seed(7)
     logits = torch.randn(3, VOCAB, generator=gen)
     tree = CandidateTree([ROOT, ROOT], [2, 5])
@@ -112,6 +102,45 @@ def test_point_mass_drafts_are_lossless():
     for draw in range(20_000):
         decision = strategy.evaluate_posterior(logits, tree, TokenNoise(draw), 0)
         counts[([tree.token_ids[n] for n in decision.accepted_nodes] + [decision.next_token])[0]] += 1
+    return logits, counts
+
+
+def lossless_call(name: str, width: int, sampling: target_pb2.SamplingParams) -> tuple:
+    return lossless_draws, (name, width, sampling.SerializeToString())
+
+
+@pytest.fixture(scope="module")
+def draws(request: pytest.FixtureRequest) -> dict:
+    """The rounds of every selected case below, computed one per core (each is a few seconds of
+    pure Python per thousand rounds): the same seeded draws and checks, about half the wall time."""
+    lossless = selected_params(request, test_lossless_strategies_reproduce_target_distribution)
+    calls = [lossless_call(**params) for params in sorted(lossless, key=lambda params: -params["width"])]
+    calls += [(point_mass_draws, ()) for _ in selected_params(request, test_point_mass_drafts_are_lossless)]
+    return run_side_by_side(calls)  # the longest first: the widest tries
+
+
+@pytest.mark.parametrize(
+    ("name", "width"), [("probabilistic", 1), ("probabilistic", 2), ("probabilistic", 3), ("gumbel", 3)]
+)
+@pytest.mark.parametrize(
+    "sampling",
+    [
+        target_pb2.SamplingParams(temperature=1.0),
+        target_pb2.SamplingParams(temperature=0.7, top_k=5, top_p=0.9),
+    ],
+    ids=["t1", "t0.7-k5-p0.9"],
+)
+def test_lossless_strategies_reproduce_target_distribution(draws, name, width, sampling):
+    logits_root, logits_after, first, second = draws[lossless_call(name, width, sampling)]
+    assert chi_square_fits(first, target_probs(logits_root, sampling))
+    for a in range(VOCAB):
+        if second[a].sum() >= 2000:
+            assert chi_square_fits(second[a], target_probs(logits_after[a], sampling)), a
+
+
+def test_point_mass_drafts_are_lossless(draws):
+    """n-gram drafts carry no q: every node is a point mass."""
+    logits, counts = draws[point_mass_draws, ()]
     assert chi_square_fits(counts, logits[0].softmax(-1))
 
 

@@ -6,7 +6,6 @@ from abc import ABC, abstractmethod
 from dataclasses import dataclass
 
 from services.candidate_tree import CandidateTree
-from services.forward_cost import ForwardCost
 from services.memory import available_memory_bytes
 from target_node.kernels import TorchKernels, VerifyKernels
 from target_node.session import Session
@@ -26,7 +25,6 @@ class VerifyBackend(ABC):
     max_context: int  # the model's position limit
     strategies: tuple[str, ...]  # strategy names this backend can run
     kernels: VerifyKernels = TorchKernels()  # verify kernels for tensors on this backend's device
-    forward_cost: ForwardCost | None = None  # its forwards' measured cost by rows (None: not measured)
 
     @abstractmethod
     def describe(self) -> dict[str, str]:

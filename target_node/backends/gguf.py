@@ -14,7 +14,6 @@ from collections.abc import Callable
 import torch
 
 from services.candidate_tree import CandidateTree
-from services.forward_cost import ForwardCost
 from services.forward_loop import ForwardLoop
 from services.gguf_decoder import GGUFDecoder, Rows
 from services.kv_buffer import GROWTH, KVBuffer
@@ -86,13 +85,8 @@ class GGUFBackend(VerifyBackend):
 
     def __init__(self, build_decoder: Callable[[], GGUFDecoder], config: TargetConfig) -> None:
         self.chunk = config.prefill_chunk_tokens
-        self.forward_cost = ForwardCost()
         self.loop: ForwardLoop = ForwardLoop(
-            build_decoder,
-            "gguf-target",
-            max_rows=config.prefill_chunk_tokens,
-            max_jobs=config.max_batch_size,
-            on_forward=self.forward_cost.record,
+            build_decoder, "gguf-target", max_rows=config.prefill_chunk_tokens, max_jobs=config.max_batch_size
         )
         self.decoder = decoder = self.loop.decoder
         self.vocab_size = decoder.vocab_size

@@ -7,7 +7,6 @@ All torch work (prefill, forwards, decisions, compaction) runs on the backend's 
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass
 
 import torch
@@ -15,7 +14,6 @@ from transformers import DynamicCache, PreTrainedModel
 
 from services.batching import MicroBatcher
 from services.candidate_tree import CandidateTree
-from services.forward_cost import ForwardCost
 from services.hf_runtime import HFRuntime
 from services.kv_cache import GROWTH_POSITIONS, kv_buffers, kv_bytes_per_token, kv_nbytes, truncate_kv
 from services.model_loading import LoadedModel
@@ -92,7 +90,6 @@ class HFBackend(VerifyBackend):
         runtime = HFRuntime.start(self.model, config.small_row_linear, config.prefix_cache_mb, "hf-compute")
         self.compute, self.small_row_limit, self.prefix_cache = runtime.compute, runtime.small_row_limit, runtime.prefix_cache
         self.min_rows = config.pad_verify_rows
-        self.forward_cost = ForwardCost()
         self._live: set[int] = set()  # sessions that may send a round: the batcher waits for them, not for ghosts
         self.kv_bytes_per_token = kv_bytes_per_token(self.model.config, self.model.dtype)
         self.kernels = self.compute.run(load_kernels, config.kernels, self.device)
@@ -195,9 +192,7 @@ class HFBackend(VerifyBackend):
         return self.compute.run(self._forward_and_decide, jobs)
 
     def _forward_and_decide(self, jobs: list[VerifyJob]) -> list[RoundResult]:
-        start = time.perf_counter()
         logits = self._batched_forward(jobs) if len(jobs) > 1 else [self._single_forward(jobs[0])]
-        self.forward_cost.record(sum(len(job.query.token_ids) for job in jobs), time.perf_counter() - start)
         return [self._decide(job.session, job.tree, rows, len(jobs)) for job, rows in zip(jobs, logits, strict=True)]
 
     @torch.inference_mode()
