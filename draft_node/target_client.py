@@ -39,7 +39,6 @@ class TargetSession:
         self._client = client
         self._round = 0
         self._stream: grpc.aio.StreamStreamCall | None = None
-        self.streams_opened = 0
 
     def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse:
         request = target_pb2.VerifyRequest(
@@ -58,7 +57,6 @@ class TargetSession:
         for attempt in range(2):
             if self._stream is None or self._stream.done():
                 self._stream = await self._client._open_stream()
-                self.streams_opened += 1
             try:
                 await asyncio.wait_for(self._stream.write(request), timeout)
                 response = await asyncio.wait_for(self._stream.read(), timeout)

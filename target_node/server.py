@@ -21,8 +21,7 @@ def start_target(
 ) -> RunningServer[Verifier]:
     """Build the verifier (unless given; from `loaded` if given) and serve it; returns once bound."""
     verifier = verifier or build_verifier(config, loaded)
-    settings = verifier.config  # the verifier's own (a test may hand in one built with other limits)
-    servicer = TargetServicer(verifier, settings.max_queued_rounds, settings.stream_idle_timeout_s, config.workers)
+    servicer = TargetServicer(verifier, config.workers)
 
     def cleanup() -> None:
         servicer.stop()

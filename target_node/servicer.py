@@ -51,14 +51,14 @@ class RoundGate:
 
 
 class TargetServicer(target_pb2_grpc.TargetServiceServicer):
-    def __init__(
-        self, verifier: Verifier, max_queued_rounds: int, idle_timeout_s: float, blocking_threads: int
-    ) -> None:
+    def __init__(self, verifier: Verifier, blocking_threads: int) -> None:
+        """Limits come from the verifier's config (a test may hand in a verifier built with its own)."""
         self.verifier = verifier
-        self.rounds = RoundGate(max_queued_rounds, verifier.config.max_batch_size)
-        self.idle_timeout_s = idle_timeout_s
+        config = verifier.config
+        self.rounds = RoundGate(config.max_queued_rounds, config.max_batch_size)
+        self.idle_timeout_s = config.stream_idle_timeout_s
         # every admitted round gets a thread at once (so rounds batch), plus room for prefills and closes
-        self.pool = ThreadPoolExecutor(max_queued_rounds + blocking_threads, thread_name_prefix="target-call")
+        self.pool = ThreadPoolExecutor(config.max_queued_rounds + blocking_threads, thread_name_prefix="target-call")
 
     async def blocking(self, call: Callable[..., T], *args: object) -> T:
         return await asyncio.get_running_loop().run_in_executor(self.pool, call, *args)
