@@ -255,15 +255,36 @@ def run_capacity(args: argparse.Namespace, logs: Path | None) -> list[dict]:
             batch = [prompts[i % len(prompts)] for i in range(max(len(prompts), 2 * clients))]
             texts = {}
             for target_only in (False, True):
+                before = target_counters(pair.metrics_ports["target"])
                 level, texts[target_only] = capacity_level(
                     base_url, clients, batch, target_only, tokenizer, args.max_tokens
                 )
-                level |= memory()
+                level |= memory() | target_means(before, target_counters(pair.metrics_ports["target"]))
                 levels.append(level)
                 print(json.dumps(level), flush=True)
             levels[-2]["mismatches"] = sum(texts[False][k] != texts[True].get(k) for k in texts[False])
             levels[-2]["speedup_vs_plain"] = round(levels[-2]["tokens_per_s"] / levels[-1]["tokens_per_s"], 3)
     return levels
+
+
+TARGET_HISTOGRAMS = {
+    "verify_batch_size_mean": "specwire_target_batch_size",  # verify rounds per forward
+    "advised_draft_tokens_mean": "specwire_target_advised_draft_tokens",  # over answers that carried advice
+}
+
+
+def target_counters(port: int) -> dict[str, tuple[float, float]]:
+    """(sum, count) of the target histograms a level's means come from."""
+    return {key: (scrape(port, name + "_sum"), scrape(port, name + "_count")) for key, name in TARGET_HISTOGRAMS.items()}
+
+
+def target_means(before: dict[str, tuple[float, float]], after: dict[str, tuple[float, float]]) -> dict:
+    """Each histogram's mean over what was observed between the two readings (None: nothing was)."""
+    means = {}
+    for key in TARGET_HISTOGRAMS:
+        total, count = (a - b for a, b in zip(after[key], before[key], strict=True))
+        means[key] = round(total / count, 3) if count else None
+    return means
 
 
 def plot_capacity(levels: list[dict], path: Path) -> None:

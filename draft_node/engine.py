@@ -167,6 +167,7 @@ class DraftEngine:
             strategy,
             sampling,
             RetryPolicy(deadline_s=self.config.retry_deadline_s),
+            ignores_advice=fixed or request.target_only,  # plain anyway, or its K is its own
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.stop)
         produced = 0
@@ -191,6 +192,7 @@ class DraftEngine:
                 info.limits.max_context_tokens,
                 pipeline=self.pipelining,
                 follow_advice=not fixed,
+                first_advice=session.advised_draft_tokens,
             )
             with closing(rounds):  # stopping early (EOS, stop string, cancel) also ends the loop's worker
                 for outcome in rounds:

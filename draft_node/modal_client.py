@@ -17,6 +17,7 @@ from urllib.parse import urlparse
 
 import grpc
 
+from draft_node.target_transport import first_round_advice
 from services.candidate_tree import CandidateTree
 from services.errors import RemoteCallError, SpecwireError
 from services.rpc.specwire.v1 import target_pb2
@@ -61,6 +62,7 @@ class ModalTargetSession:
     ) -> None:
         self.session_id = opened.session_id
         self.first_token_id = opened.first_token_id
+        self.advised_draft_tokens = first_round_advice(opened)
         self._lineage = opened.session_id  # names this generation on every container it reaches
         self._client = client
         self._round = 0

@@ -248,7 +248,9 @@ class Completions:
         self.generations = GenerationThreads(max_generations)
 
     def model_name(self) -> str:
-        return self.served_model_name or self.engine.target_info().model_id
+        """Named after the target's model; waits (as a generation does) for a target still connecting."""
+        wait_s = min(10.0, self.engine.config.target_timeout_s)
+        return self.served_model_name or self.engine.target_info(wait_s=wait_s).model_id
 
     def token_text(self, token_id: int) -> str:
         return self.engine.tokenizer.decode([token_id])

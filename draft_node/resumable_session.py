@@ -51,7 +51,10 @@ class ResumableSession:
         strategy: str,
         sampling: target_pb2.SamplingParams,
         retry: RetryPolicy,
+        ignores_advice: bool = False,
     ) -> None:
+        """`ignores_advice`: this generation will not follow the target's load advice (told to the
+        target, which then leaves it out of what it measures)."""
         self.client, self.fingerprint, self.strategy, self.sampling, self.retry = (
             client,
             fingerprint,
@@ -59,6 +62,7 @@ class ResumableSession:
             sampling,
             retry,
         )
+        self.ignores_advice = ignores_advice
         self.context = list(prompt_ids)  # committed tokens; after opening, its last one is the pending token
         self.resumes = 0
         self.session = self._retrying(
@@ -66,6 +70,11 @@ class ResumableSession:
         )
         self.first_token_id = self.session.first_token_id
         self.context.append(self.first_token_id)
+
+    @property
+    def advised_draft_tokens(self) -> int | None:
+        """The target's advice for the first round, given when the session opened."""
+        return self.session.advised_draft_tokens
 
     def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse:
         response = self._retrying(
@@ -86,6 +95,7 @@ class ResumableSession:
             strategy=self.strategy,
             sampling=self.sampling,
             resume_pending_token_id=resume_pending_token_id,
+            ignores_advice=self.ignores_advice,
         )
 
     def _reopen(self) -> None:

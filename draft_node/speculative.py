@@ -112,13 +112,15 @@ def speculative_rounds(
     max_context: int,
     pipeline: Pipelining | None = None,
     follow_advice: bool = True,
+    first_advice: int | None = None,
 ) -> Iterator[RoundOutcome]:
     """Run rounds until `max_new_tokens` more tokens are committed or the context is full.
 
     `context` is the prompt plus every token produced so far; its last token is the target's
     pending token (chosen by the target, not yet in its KV cache). The controller picks K and N
-    each round and hears back how it went; the target's advice (from its load) caps K unless
-    `follow_advice` is off. The caller may stop early (EOS, stop strings) by
+    each round and hears back how it went; the target's advice (from its load; `first_advice` for
+    the first round, given with the session) caps K unless `follow_advice` is off. The caller may
+    stop early (EOS, stop strings) by
     closing the generator.
     """
     context = list(context)
@@ -127,7 +129,7 @@ def speculative_rounds(
     ready: DraftAhead | None = None
     drafted_ahead = False
 
-    advised: int | None = None  # the target's advice from its load (None: none given)
+    advised = first_advice if follow_advice else None  # the target's advice from its load (None: none given)
 
     def round_k(length: int) -> int:
         """K of a round after a context of `length` tokens: never past the target's advice, what

@@ -16,6 +16,7 @@ from typing import TypeVar
 import grpc
 
 from draft_node.config import DraftConfig
+from draft_node.target_transport import first_round_advice
 from services.candidate_tree import CandidateTree
 from services.errors import RemoteCallError
 from services.grpc_server import MAX_MESSAGE_BYTES
@@ -36,6 +37,7 @@ class TargetSession:
     def __init__(self, client: TargetClient, opened: target_pb2.OpenSessionResponse) -> None:
         self.session_id = opened.session_id
         self.first_token_id = opened.first_token_id
+        self.advised_draft_tokens = first_round_advice(opened)
         self._client = client
         self._round = 0
         self._stream: grpc.aio.StreamStreamCall | None = None

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Hashable
 from concurrent.futures import Future
 from typing import Generic, Protocol, TypeVar
 
@@ -22,6 +23,7 @@ import torch
 
 from services.errors import Unavailable
 from services.gguf_decoder import GGUFDecoder, Rows
+from services.round_forecast import RoundForecast
 
 log = logging.getLogger(__name__)
 R = TypeVar("R")
@@ -32,6 +34,8 @@ class ForwardJob(Protocol[R]):
 
     result: R
     batch_size: int  # jobs in the forward that served its last rows (set by the loop)
+    session_key: Hashable | None  # a session whose next job follows this one's answer (a verify
+    # round's), so a forward may wait for it; None: nothing follows
 
     def next_rows(self) -> Rows:
         """The rows this job adds to the next forward (no side effects: it may not be run)."""
@@ -53,6 +57,7 @@ class ForwardLoop(Generic[R]):
         is split into chunks of at most this); `max_jobs`: jobs one forward takes."""
         self.max_rows = max_rows
         self.max_jobs = max_jobs
+        self.forecast = RoundForecast()
         self._arrivals: queue.Queue[tuple[ForwardJob, Future] | Callable[[], None] | None] = queue.Queue()
         self._stopped = threading.Event()
         self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
@@ -64,6 +69,8 @@ class ForwardLoop(Generic[R]):
         future: Future = Future()
         if self._stopped.is_set():
             raise Unavailable("the node is shutting down")
+        if job.session_key is not None:
+            self.forecast.arrived(job.session_key, time.monotonic())  # now, not when a forward ends
         self._arrivals.put((job, future))
         return future.result()
 
@@ -82,6 +89,10 @@ class ForwardLoop(Generic[R]):
         self._arrivals.put(task)
         return future.result()
 
+    def forget(self, session_key: Hashable) -> None:
+        """The session is closed: no forward waits for its rounds any more."""
+        self.forecast.forget(session_key)
+
     def stop(self) -> None:
         """Finish the forward in flight; jobs not done fail with UNAVAILABLE."""
         self._stopped.set()
@@ -96,19 +107,44 @@ class ForwardLoop(Generic[R]):
             except queue.Empty:
                 item = False  # nothing new: keep going with the active jobs
             while item is not False:
-                if item is None:
-                    self._fail(active, Unavailable("the node is shutting down"))
-                    self._drain()
+                if not self._admit(item, active):
                     return
-                if callable(item):
-                    item()
-                else:
-                    active.append(item)
                 try:
                     item = self._arrivals.get_nowait()
                 except queue.Empty:
                     item = False
+            if not self._wait_for_returning(active):
+                return
             active = self._forward(active)
+
+    def _admit(self, item: tuple[ForwardJob, Future] | Callable[[], None] | None, active: list) -> bool:
+        """Take one arrival (a job, a call, or the stop sign); False when the loop must end."""
+        if item is None:
+            self._fail(active, Unavailable("the node is shutting down"))
+            self._drain()
+            return False
+        if callable(item):
+            item()
+        else:
+            active.append(item)
+        return True
+
+    def _wait_for_returning(self, active: list[tuple[ForwardJob, Future]]) -> bool:
+        """Before a forward, take the rounds of sessions due back within the wait (see
+        services/round_forecast.py); False when the loop must end."""
+        present = [job.session_key for job, _ in active]
+        deadline = self.forecast.wait_until(time.monotonic(), present)
+        while deadline is not None and (left := deadline - time.monotonic()) > 0:
+            try:
+                item = self._arrivals.get(timeout=left)
+            except queue.Empty:
+                return True
+            if not self._admit(item, active):
+                return False
+            present = [job.session_key for job, _ in active]
+            if self.forecast.wait_until(time.monotonic(), present) is None:
+                return True
+        return True
 
     def _forward(self, active: list[tuple[ForwardJob, Future]]) -> list[tuple[ForwardJob, Future]]:
         """One forward over the next rows of the first jobs that fit; returns the jobs still active."""
@@ -126,11 +162,14 @@ class ForwardLoop(Generic[R]):
             budget -= len(job_rows.token_ids)
         finished = {id(f) for _, f in active if f.done()}
         if batch:
+            start = time.monotonic()
             try:
                 logits = self.decoder.forward(rows)
             except BaseException as exc:  # noqa: BLE001
                 self._after_failed_forward(batch, exc)
             else:
+                if all(job.session_key is not None for job, _ in batch):
+                    self.forecast.timed_forward(time.monotonic() - start)
                 for (job, future), job_logits in zip(batch, logits, strict=True):
                     job.batch_size = len(batch)
                     try:
@@ -138,6 +177,10 @@ class ForwardLoop(Generic[R]):
                             future.set_result(job.result)
                     except BaseException as exc:  # noqa: BLE001 - the job's own error
                         future.set_exception(exc)
+                answered = time.monotonic()
+                for job, future in batch:
+                    if job.session_key is not None and future.done():
+                        self.forecast.answered(job.session_key, answered)
         return [(job, future) for job, future in active if not future.done() and id(future) not in finished]
 
     def _after_failed_forward(self, batch: list[tuple[ForwardJob, Future]], exc: BaseException) -> None:

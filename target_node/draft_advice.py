@@ -9,8 +9,13 @@ where the drafts run, so the target measures it rather than model it: while more
 verifies, time is cut into epochs, each with one draft-length cap sent to every draft with its
 answers (0: plain rounds; None: no cap, the draft's own rule), and each epoch's total goodput
 (committed tokens a second, all sessions together) is kept per cap and per load (sessions
-verifying, in powers of two). The best cap for the load now is used, every `probe_every`-th epoch
-tries another, so the choice follows changes. A session alone gets no advice.
+verifying, in powers of two). A load not seen yet starts from the cap that was best at the nearest
+load measured (plain rounds when none was: never slower than the target decoding plainly), then
+climbs: the caps beside the best so far get an epoch each until the best has no untried
+neighbour; after that the best is used and every `probe_every`-th epoch re-measures a neighbour,
+so the choice follows changes. Exploring costs (every epoch on a worse cap is lost goodput), so
+a cap gets one epoch, not a sample, and caps past one that lost are not tried. A session alone
+gets no advice.
 """
 
 from __future__ import annotations
@@ -21,23 +26,27 @@ from collections.abc import Callable
 
 ACTIVE_WINDOW_S = 1.0  # a session counts as verifying when its last round ended this recently (or
 # within two of its rounds' usual spacing, when rounds take longer)
-CAPS: tuple[int | None, ...] = (None, 0, 2)  # the draft lengths tried: no cap, plain rounds, short drafts
+CAPS: tuple[int | None, ...] = (0, 2, None)  # the draft lengths tried: plain rounds, short drafts, no cap
 ALPHA = 0.3  # weight of a new epoch's goodput
+PAUSE_FACTOR = 1.5  # an epoch this much longer than planned had a pause in it: not booked
+MAX_PROBE_GAP = 64  # epochs between probes at most, after probes kept losing
 
 
 class DraftAdvisor:
     def __init__(
-        self, epoch_s: float = 2.0, probe_every: int = 4, clock: Callable[[], float] = time.monotonic
+        self, epoch_s: float = 2.0, probe_every: int = 8, clock: Callable[[], float] = time.monotonic
     ) -> None:
         self.epoch_s, self.probe_every, self.clock = epoch_s, probe_every, clock
         self.goodput: dict[tuple[int, int | None], float] = {}  # (load bucket, cap) -> tokens / s
-        self.epochs: dict[tuple[int, int | None], int] = {}
-        self.cap: int | None = None  # advised in the current epoch
+        self.cap: int | None = CAPS[0]  # advised in the current epoch
         self.epoch_start = clock()
         self.epoch_tokens = 0
         self.epoch_load = 0
         self.epoch_count = 0
         self.cycle_s = 0.0  # running mean of the time between a session's answers
+        self._probe_gap: dict[int, int] = {}  # load -> epochs from one probe to the next
+        self._next_probe: dict[int, int] = {}  # load -> the epoch of its next probe
+        self._probing = False  # the current epoch re-measures a cap that was not the best
         self._last_answer: dict[str, float] = {}  # session -> when its last round was answered
         self._lock = threading.Lock()
 
@@ -58,9 +67,10 @@ class DraftAdvisor:
             self._last_answer.pop(session_id, None)
 
     def advise(self) -> int | None:
-        """The cap of the current epoch while more than one session verifies; else None."""
+        """The cap of the current epoch while more than one session verifies, or did when the epoch
+        began (a session between two requests of its client does not make the other one alone); else None."""
         with self._lock:
-            return self.cap if self._active(self.clock()) > 1 else None
+            return self.cap if self.epoch_load > 1 or self._active(self.clock()) > 1 else None
 
     def _active(self, now: float) -> int:
         window = max(ACTIVE_WINDOW_S, 2 * self.cycle_s)
@@ -68,13 +78,15 @@ class DraftAdvisor:
 
     def _end_epoch(self, now: float) -> None:
         """Book the epoch's goodput under its load and cap, and choose the next epoch's cap."""
-        if self.epoch_load > 1:
+        if self.epoch_load > 1 and now - self.epoch_start < PAUSE_FACTOR * self.epoch_s:  # (not across a pause)
             key = (self.epoch_load, self.cap)
             goodput = self.epoch_tokens / (now - self.epoch_start)
-            self.epochs[key] = self.epochs.get(key, 0) + 1
             self.goodput[key] = goodput if key not in self.goodput else (
                 self.goodput[key] + ALPHA * (goodput - self.goodput[key])
             )
+            if self._probing:
+                self._schedule_probe(self.epoch_load, lost=self._best(self.epoch_load) != self.cap)
+        self._probing = False
         active = self._active(now)
         load = 1 << (active - 1).bit_length() if active > 1 else active  # 2, 4, 8, ...
         self.epoch_count += 1
@@ -82,11 +94,44 @@ class DraftAdvisor:
         self.epoch_start, self.epoch_tokens, self.epoch_load = now, 0, load
 
     def _choose(self, load: int) -> int | None:
-        unmeasured = [cap for cap in CAPS if self.epochs.get((load, cap), 0) < 2]
-        if unmeasured:
-            return unmeasured[0]
-        best = max(CAPS, key=lambda cap: self.goodput[(load, cap)])
-        if self.epoch_count % self.probe_every == 0:  # re-measure another, in turn
-            others = [cap for cap in CAPS if cap != best]
-            return others[(self.epoch_count // self.probe_every) % len(others)]
+        """Climb: tokens a second rise with the draft length up to a peak and fall past it, so only
+        the caps beside the best so far are tried, and none above the best at a lower load
+        (speculation pays less as load grows; a full draft at load can cost seconds of an epoch,
+        and a draft back from plain rounds first prefills its whole context). Then the best, with
+        a neighbour re-measured now and then: less often while such probes keep losing."""
+        if not self._measured(load):
+            return self._nearest_best(load)
+        best = self._best(load)
+        at = CAPS.index(best)
+        neighbours = [CAPS[i] for i in (at - 1, at + 1) if 0 <= i < len(CAPS)]
+        ceiling = self._ceiling(load)
+        if untried := [cap for cap in neighbours if (load, cap) not in self.goodput and CAPS.index(cap) <= ceiling]:
+            return untried[0]
+        if self.epoch_count >= self._next_probe.setdefault(load, self.epoch_count + self.probe_every):
+            self._probing = True
+            return neighbours[self.epoch_count % len(neighbours)]
         return best
+
+    def _measured(self, load: int) -> list[int | None]:
+        return [cap for cap in CAPS if (load, cap) in self.goodput]
+
+    def _best(self, load: int) -> int | None:
+        """The cap of the most goodput at `load` (one at least measured there)."""
+        return max(self._measured(load), key=lambda cap: self.goodput[(load, cap)])
+
+    def _ceiling(self, load: int) -> int:
+        """Index in CAPS of the best cap at the nearest lower load measured (the last when none)."""
+        lower = [measured for measured, _ in self.goodput if measured < load]
+        return CAPS.index(self._best(max(lower))) if lower else len(CAPS) - 1
+
+    def _schedule_probe(self, load: int, lost: bool) -> None:
+        gap = min(MAX_PROBE_GAP, 2 * self._probe_gap.get(load, self.probe_every)) if lost else self.probe_every
+        self._probe_gap[load] = gap
+        self._next_probe[load] = self.epoch_count + gap
+
+    def _nearest_best(self, load: int) -> int | None:
+        """The best cap at the measured load nearest to `load` (plain rounds when none is measured)."""
+        loads = {measured for measured, _ in self.goodput}
+        if not loads:
+            return CAPS[0]
+        return self._best(min(loads, key=lambda measured: (abs(measured.bit_length() - load.bit_length()), measured)))

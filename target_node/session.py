@@ -43,6 +43,7 @@ class Session:
     last_used: float = field(default_factory=time.monotonic)
     lock: threading.Lock = field(default_factory=threading.Lock)  # held for a round, and to close it
     closed: bool = False  # removed from the store (closed, expired, evicted): its rounds read NOT_FOUND
+    follows_advice: bool = True  # its draft follows the load advice (target_node/draft_advice.py)
 
     @property
     def context_length(self) -> int:

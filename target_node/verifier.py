@@ -140,6 +140,7 @@ class Verifier:
         )
         seed = request.sampling.seed if request.sampling.HasField("seed") else secrets.randbits(63)
         session = Session(SessionStore.new_id(), prompt, strategy, TokenNoise(seed), owner=owner, lineage=lineage)
+        session.follows_advice = not request.ignores_advice
         if resuming and request.resume_pending_token_id >= self.vocab_size:
             raise InvalidArgument(
                 f"resume_pending_token_id {request.resume_pending_token_id} outside the vocabulary"
@@ -158,7 +159,12 @@ class Verifier:
             session_id=session.session_id,
             first_token_id=session.pending_token,
             context_length=session.context_length,
+            advised_draft_tokens=self._advice(session),
         )
+
+    def _advice(self, session: Session) -> int | None:
+        """The load advice for the session's next round (None: none, or its draft ignores it)."""
+        return self.advisor.advise() if self.advisor is not None and session.follows_advice else None
 
     def verify(self, request: target_pb2.VerifyRequest, owner: str = ANONYMOUS) -> target_pb2.VerifyResponse:
         session = self.sessions.get(request.session_id, owner)
@@ -190,12 +196,11 @@ class Verifier:
             self.metrics.forward_seconds.observe(elapsed)
             self.metrics.batch_size.observe(result.batch_size)
             self.sessions.evict_over_budget(keep=session)
-            advice = None
-            if self.advisor is not None:
+            if self.advisor is not None and session.follows_advice:
                 self.advisor.record_round(session.session_id, len(accepted_tokens) + 1)
-                advice = self.advisor.advise()
-                if advice is not None:
-                    self.metrics.advised_draft_tokens.observe(advice)
+            advice = self._advice(session)
+            if advice is not None:
+                self.metrics.advised_draft_tokens.observe(advice)
             return target_pb2.VerifyResponse(
                 session_id=session.session_id,
                 round_id=request.round_id,

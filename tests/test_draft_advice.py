@@ -58,8 +58,8 @@ def test_under_load_speculation_stays_when_it_gives_more_tokens():
 
 
 def test_the_draft_follows_the_advice_and_the_output_stays_identical(tiny, target_model, pair_factory):
-    """Advised 0, the draft's rounds after the first draft nothing (plain decoding), with output
-    identical to the target alone."""
+    """Advised 0 (with the opened session and with every answer), the draft's rounds draft nothing
+    (plain decoding), with output identical to the target alone."""
     verifier = build_verifier(TargetConfig(model="tiny"), target_model)
     verifier.advisor.advise = lambda: 0
     pair = pair_factory(tiny.draft_same, target_verifier=verifier)
@@ -76,4 +76,93 @@ def test_the_draft_follows_the_advice_and_the_output_stays_identical(tiny, targe
         outputs = list(pool.map(lambda p: collect(pair.draft_stub, prompt=p, max_tokens=12)[0], prompts))
     for prompt, output in zip(prompts, outputs, strict=True):
         assert output == target_only_greedy(target_model, target_model.tokenizer.encode(prompt), 12)
-    assert sizes.count(0) == len(sizes) - 2 and len(sizes) >= 18  # only each first round drafted
+    # the advice comes with the opened session too: not even a first round is drafted
+    assert sizes.count(0) == len(sizes) and len(sizes) >= 18
+
+
+def test_a_new_load_starts_from_plain_rounds_and_climbs_no_further_than_a_cap_that_lost():
+    """Exploring costs goodput: a load never seen starts from plain rounds (never slower than the
+    target decoding plainly), gives the next cap one epoch, and, as that one lost, never tries a
+    full-length draft (which at load can cost seconds of an epoch)."""
+    clock = Clock()
+    advisor = DraftAdvisor(clock=clock)
+    rates = {None: 9.0, 0: 15.0, 2: 11.0}
+    advice = simulate(advisor, clock, 2, lambda cap: rates[cap], 60)
+    assert advice[0] is None  # the first round's session was alone yet
+    assert list(dict.fromkeys(advice[1:])) == [0, 2]
+    assert advice[-100:].count(0) > 0.6 * 100
+
+
+def test_a_new_load_climbs_to_the_full_draft_where_each_step_gains():
+    clock = Clock()
+    advisor = DraftAdvisor(clock=clock)
+    rates = {None: 30.0, 0: 15.0, 2: 22.0}
+    advice = simulate(advisor, clock, 2, lambda cap: rates[cap], 60)
+    assert list(dict.fromkeys(advice[1:])) == [0, 2, None]
+    assert advice[-200:].count(None) > 0.6 * 200
+
+
+def test_a_new_load_starts_from_the_best_at_the_nearest_load():
+    clock = Clock()
+    advisor = DraftAdvisor(clock=clock)
+    rates = {None: 30.0, 0: 15.0, 2: 22.0}
+    simulate(advisor, clock, 2, lambda cap: rates[cap], 60)
+    assert advisor._choose(4) is None  # speculation won at 2 sessions: 4 start from it
+    assert advisor._choose(8) is None
+
+
+def test_an_epoch_across_a_pause_is_not_booked():
+    """Between requests the sessions go quiet; the epoch then open would book a goodput of a few
+    tokens over the whole pause against its cap."""
+    clock = Clock()
+    advisor = DraftAdvisor(clock=clock)
+    simulate(advisor, clock, 2, lambda cap: 15.0, 10)
+    booked = dict(advisor.goodput)
+    clock.now += 60  # nobody verifies for a minute
+    advisor.record_round("s0", 4)
+    assert advisor.goodput == booked
+
+
+def test_the_advice_holds_through_the_epoch_when_a_session_leaves_between_requests():
+    """Two clients, each request a new session: while one is between requests the other is alone
+    for a moment, and a full-length draft then would cost a long verify at the load just measured."""
+    clock = Clock()
+    advisor = DraftAdvisor(clock=clock)
+    simulate(advisor, clock, 2, lambda cap: 15.0, 10)
+    advisor.forget("s1")  # its request ended; its client's next one has not started
+    clock.now += 0.5
+    assert advisor.advise() is not None
+    clock.now += 3.0  # an epoch later, and still alone: no advice
+    advisor.record_round("s0", 4)
+    assert advisor.advise() is None
+
+
+def test_sessions_that_ignore_the_advice_are_left_out_of_its_measurements(tiny, target_model, pair_factory):
+    """`target_only` (plain anyway) and seeded fixed-K requests tell the target they will not follow
+    the advice: their rounds neither count as load nor as goodput of a cap, and get no advice."""
+    from services.rpc.specwire.v1 import draft_pb2
+
+    verifier = build_verifier(TargetConfig(model="tiny"), target_model)
+    recorded = []
+    verifier.advisor.record_round = lambda session_id, committed: recorded.append(session_id)
+    pair = pair_factory(tiny.draft_same, target_verifier=verifier)
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda p: collect(pair.draft_stub, prompt=p, max_tokens=12, target_only=True), ["a b", "c d"]))
+    seeded = draft_pb2.GenerateRequest(prompt="def add(a, b):", max_tokens=8, seed=3)  # K its own
+    assert list(pair.draft_stub.Generate(seeded))
+    assert recorded == []
+    collect(pair.draft_stub, prompt="def add(a, b):", max_tokens=8)  # one that follows it is measured
+    assert recorded
+
+
+def test_a_higher_load_explores_no_cap_above_the_best_at_a_lower_one_and_probes_less_while_probes_lose():
+    """Plain rounds won at 2 sessions: at 4 the advisor starts from them, does not climb to a
+    full draft (at most probes it), and spaces its probes out while they keep losing."""
+    clock = Clock()
+    advisor = DraftAdvisor(clock=clock)
+    rates = {None: 8.0, 0: 15.0, 2: 11.0}
+    simulate(advisor, clock, 2, lambda cap: rates[cap], 40)
+    advice = simulate(advisor, clock, 4, lambda cap: rates[cap], 40 + 600)
+    assert (4, None) not in advisor.goodput
+    assert advisor._probe_gap[4] == 64  # doubled after each lost probe, up to the bound
+    assert 0 < sum(a != 0 for a in advice) < 0.1 * len(advice)

@@ -402,3 +402,32 @@ def test_concurrent_http_generations_are_bounded(tiny, pair_factory):
     assert wait_until_no_target_sessions(pair) == 0
     done = httpx.post(base + "/v1/completions", json={**body, "stream": False, "max_tokens": 2}, timeout=60)
     assert done.status_code == 200
+
+
+def test_models_is_answered_for_a_target_that_came_up_after_the_draft(tiny, target_model):
+    """The draft's first look at a target that was not yet listening left its channel in gRPC's
+    reconnect backoff, and /v1/models answered 503 although the target was up (seen in the capacity
+    benchmark): it now waits for the target as a generation does."""
+    from draft_node.config import DraftConfig
+    from draft_node.server import start_draft
+    from services.model_loading import load_model
+    from specwire.local_pair import free_port
+    from target_node.config import TargetConfig
+    from target_node.server import start_target
+
+    port = free_port()
+    draft = start_draft(
+        DraftConfig(model=tiny.draft_noisy, port=0, metrics_port=-1, http_port=0, target=f"127.0.0.1:{port}"),
+        load_model(tiny.draft_noisy),
+    )
+    target = None
+    try:
+        time.sleep(3)  # the draft has tried the target and is backing off
+        target = start_target(TargetConfig(model="tiny", port=port, metrics_port=-1), target_model)
+        models = httpx.get(f"http://127.0.0.1:{draft.http_port}/v1/models", timeout=30)
+        assert models.status_code == 200, models.text
+        assert [m["id"] for m in models.json()["data"]] == [target_model.model_id]
+    finally:
+        draft.stop(0)
+        if target is not None:
+            target.stop(0)

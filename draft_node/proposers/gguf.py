@@ -23,6 +23,7 @@ class ChainJob:
         self.tree = CandidateTree()
         self.result = self.tree
         self.batch_size = 1
+        self.session_key = None  # the draft's next chain waits on the target, not on this loop
 
     def next_rows(self) -> Rows:
         if self.cache.length < len(self.context):

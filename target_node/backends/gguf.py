@@ -35,6 +35,7 @@ class PrefillJob:
         self.session, self.prefix_cache, self.chunk = session, prefix_cache, chunk
         self.result: int = -1
         self.batch_size = 1
+        self.session_key = None  # its first round is not awaited: the draft prefills too
 
     def next_rows(self) -> Rows:
         cache: KVBuffer = self.session.cache
@@ -59,6 +60,7 @@ class VerifyJob:
         self.query = build_tree_query(session.pending_token, tree, self.prefix)
         self.result: RoundResult | None = None
         self.batch_size = 1
+        self.session_key = session.session_id  # its draft sends the next round once this is answered
 
     def next_rows(self) -> Rows:
         return Rows(self.session.cache, self.query.token_ids, self.query.positions, self.query.visible)
@@ -127,6 +129,7 @@ class GGUFBackend(VerifyBackend):
 
     def close(self, session: Session) -> None:
         session.cache = None
+        self.loop.forget(session.session_id)
 
     def stop(self) -> None:
         self.loop.stop()

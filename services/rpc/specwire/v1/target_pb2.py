@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specwire/v1/target.proto\x12\x0bspecwire.v1\"\r\n\x0bInfoRequest\"\x84\x01\n\x06Limits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_tree_nodes\x18\x03 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\x12\x15\n\rsession_ttl_s\x18\x05 \x01(\x01\"\xba\x01\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nstrategies\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.specwire.v1.Limits\x12\x18\n\x10lossy_strategies\x18\x07 \x03(\tJ\x04\x08\x06\x10\x07R\x0c\x65os_token_id\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"R\n\x0eStrategyParams\x12\x11\n\tthreshold\x18\x01 \x01(\x02\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x02\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\"\x86\x02\n\x12OpenSessionRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specwire.v1.SamplingParams\x12\x34\n\x0fstrategy_params\x18\x05 \x01(\x0b\x32\x1b.specwire.v1.StrategyParams\x12$\n\x17resume_pending_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x42\x1a\n\x18_resume_pending_token_id\"Y\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\"i\n\rCandidateTree\x12\x0f\n\x07parents\x18\x01 \x03(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x34\n\x0b\x64raft_probs\x18\x03 \x03(\x0b\x32\x1f.specwire.v1.SparseDistribution\"_\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12(\n\x04tree\x18\x03 \x01(\x0b\x32\x1a.specwire.v1.CandidateTree\"h\n\x0f\x43\x61ndidateResult\x12\x14\n\x0cleaf_node_id\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_length\x18\x03 \x01(\r\x12\x16\n\x0etarget_logprob\x18\x04 \x01(\x02\"\xb4\x03\n\x0eVerifyResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x19\n\x11\x61\x63\x63\x65pted_node_ids\x18\x03 \x03(\r\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x04 \x03(\r\x12\x15\n\rnext_token_id\x18\x05 \x01(\r\x12\x15\n\rnext_is_bonus\x18\x06 \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x12\n\ntree_nodes\x18\x08 \x01(\r\x12\x16\n\x0everify_seconds\x18\t \x01(\x01\x12\x30\n\ncandidates\x18\n \x03(\x0b\x32\x1c.specwire.v1.CandidateResult\x12\x12\n\nbatch_size\x18\x0b \x01(\r\x12\x19\n\x11\x61\x63\x63\x65pted_logprobs\x18\x0c \x03(\x02\x12\x1f\n\x12next_token_logprob\x18\r \x01(\x02H\x00\x88\x01\x01\x12!\n\x14\x61\x64vised_draft_tokens\x18\x0e \x01(\rH\x01\x88\x01\x01\x42\x15\n\x13_next_token_logprobB\x17\n\x15_advised_draft_tokens\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\x32\x83\x03\n\rTargetService\x12;\n\x04Info\x12\x18.specwire.v1.InfoRequest\x1a\x19.specwire.v1.InfoResponse\x12P\n\x0bOpenSession\x12\x1f.specwire.v1.OpenSessionRequest\x1a .specwire.v1.OpenSessionResponse\x12\x41\n\x06Verify\x12\x1a.specwire.v1.VerifyRequest\x1a\x1b.specwire.v1.VerifyResponse\x12K\n\x0cVerifyStream\x12\x1a.specwire.v1.VerifyRequest\x1a\x1b.specwire.v1.VerifyResponse(\x01\x30\x01\x12S\n\x0c\x43loseSession\x12 .specwire.v1.CloseSessionRequest\x1a!.specwire.v1.CloseSessionResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18specwire/v1/target.proto\x12\x0bspecwire.v1\"\r\n\x0bInfoRequest\"\x84\x01\n\x06Limits\x12\x19\n\x11max_prompt_tokens\x18\x01 \x01(\r\x12\x1a\n\x12max_context_tokens\x18\x02 \x01(\r\x12\x16\n\x0emax_tree_nodes\x18\x03 \x01(\r\x12\x14\n\x0cmax_sessions\x18\x04 \x01(\r\x12\x15\n\rsession_ttl_s\x18\x05 \x01(\x01\"\xba\x01\n\x0cInfoResponse\x12\x10\n\x08model_id\x18\x01 \x01(\t\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x12\n\nvocab_size\x18\x03 \x01(\r\x12\x12\n\nstrategies\x18\x04 \x03(\t\x12#\n\x06limits\x18\x05 \x01(\x0b\x32\x13.specwire.v1.Limits\x12\x18\n\x10lossy_strategies\x18\x07 \x03(\tJ\x04\x08\x06\x10\x07R\x0c\x65os_token_id\"_\n\x0eSamplingParams\x12\x13\n\x0btemperature\x18\x01 \x01(\x02\x12\r\n\x05top_p\x18\x02 \x01(\x02\x12\r\n\x05top_k\x18\x03 \x01(\r\x12\x11\n\x04seed\x18\x04 \x01(\x04H\x00\x88\x01\x01\x42\x07\n\x05_seed\"R\n\x0eStrategyParams\x12\x11\n\tthreshold\x18\x01 \x01(\x02\x12\x0f\n\x07\x65psilon\x18\x02 \x01(\x02\x12\r\n\x05\x61lpha\x18\x03 \x01(\x02\x12\r\n\x05top_k\x18\x04 \x01(\r\"\x9e\x02\n\x12OpenSessionRequest\x12\x18\n\x10prompt_token_ids\x18\x01 \x03(\r\x12\x1d\n\x15tokenizer_fingerprint\x18\x02 \x01(\t\x12\x10\n\x08strategy\x18\x03 \x01(\t\x12-\n\x08sampling\x18\x04 \x01(\x0b\x32\x1b.specwire.v1.SamplingParams\x12\x34\n\x0fstrategy_params\x18\x05 \x01(\x0b\x32\x1b.specwire.v1.StrategyParams\x12$\n\x17resume_pending_token_id\x18\x06 \x01(\rH\x00\x88\x01\x01\x12\x16\n\x0eignores_advice\x18\x07 \x01(\x08\x42\x1a\n\x18_resume_pending_token_id\"\x95\x01\n\x13OpenSessionResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x16\n\x0e\x66irst_token_id\x18\x02 \x01(\r\x12\x16\n\x0e\x63ontext_length\x18\x03 \x01(\r\x12!\n\x14\x61\x64vised_draft_tokens\x18\x04 \x01(\rH\x00\x88\x01\x01\x42\x17\n\x15_advised_draft_tokens\"6\n\x12SparseDistribution\x12\x11\n\ttoken_ids\x18\x01 \x03(\r\x12\r\n\x05probs\x18\x02 \x03(\x02\"i\n\rCandidateTree\x12\x0f\n\x07parents\x18\x01 \x03(\x05\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x34\n\x0b\x64raft_probs\x18\x03 \x03(\x0b\x32\x1f.specwire.v1.SparseDistribution\"_\n\rVerifyRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12(\n\x04tree\x18\x03 \x01(\x0b\x32\x1a.specwire.v1.CandidateTree\"h\n\x0f\x43\x61ndidateResult\x12\x14\n\x0cleaf_node_id\x18\x01 \x01(\r\x12\x0e\n\x06length\x18\x02 \x01(\r\x12\x17\n\x0f\x61\x63\x63\x65pted_length\x18\x03 \x01(\r\x12\x16\n\x0etarget_logprob\x18\x04 \x01(\x02\"\xb4\x03\n\x0eVerifyResponse\x12\x12\n\nsession_id\x18\x01 \x01(\t\x12\x10\n\x08round_id\x18\x02 \x01(\x04\x12\x19\n\x11\x61\x63\x63\x65pted_node_ids\x18\x03 \x03(\r\x12\x1a\n\x12\x61\x63\x63\x65pted_token_ids\x18\x04 \x03(\r\x12\x15\n\rnext_token_id\x18\x05 \x01(\r\x12\x15\n\rnext_is_bonus\x18\x06 \x01(\x08\x12\x16\n\x0e\x63ontext_length\x18\x07 \x01(\r\x12\x12\n\ntree_nodes\x18\x08 \x01(\r\x12\x16\n\x0everify_seconds\x18\t \x01(\x01\x12\x30\n\ncandidates\x18\n \x03(\x0b\x32\x1c.specwire.v1.CandidateResult\x12\x12\n\nbatch_size\x18\x0b \x01(\r\x12\x19\n\x11\x61\x63\x63\x65pted_logprobs\x18\x0c \x03(\x02\x12\x1f\n\x12next_token_logprob\x18\r \x01(\x02H\x00\x88\x01\x01\x12!\n\x14\x61\x64vised_draft_tokens\x18\x0e \x01(\rH\x01\x88\x01\x01\x42\x15\n\x13_next_token_logprobB\x17\n\x15_advised_draft_tokens\")\n\x13\x43loseSessionRequest\x12\x12\n\nsession_id\x18\x01 \x01(\t\"&\n\x14\x43loseSessionResponse\x12\x0e\n\x06\x63losed\x18\x01 \x01(\x08\x32\x83\x03\n\rTargetService\x12;\n\x04Info\x12\x18.specwire.v1.InfoRequest\x1a\x19.specwire.v1.InfoResponse\x12P\n\x0bOpenSession\x12\x1f.specwire.v1.OpenSessionRequest\x1a .specwire.v1.OpenSessionResponse\x12\x41\n\x06Verify\x12\x1a.specwire.v1.VerifyRequest\x1a\x1b.specwire.v1.VerifyResponse\x12K\n\x0cVerifyStream\x12\x1a.specwire.v1.VerifyRequest\x1a\x1b.specwire.v1.VerifyResponse(\x01\x30\x01\x12S\n\x0c\x43loseSession\x12 .specwire.v1.CloseSessionRequest\x1a!.specwire.v1.CloseSessionResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,23 +42,23 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STRATEGYPARAMS']._serialized_start=477
   _globals['_STRATEGYPARAMS']._serialized_end=559
   _globals['_OPENSESSIONREQUEST']._serialized_start=562
-  _globals['_OPENSESSIONREQUEST']._serialized_end=824
-  _globals['_OPENSESSIONRESPONSE']._serialized_start=826
-  _globals['_OPENSESSIONRESPONSE']._serialized_end=915
-  _globals['_SPARSEDISTRIBUTION']._serialized_start=917
-  _globals['_SPARSEDISTRIBUTION']._serialized_end=971
-  _globals['_CANDIDATETREE']._serialized_start=973
-  _globals['_CANDIDATETREE']._serialized_end=1078
-  _globals['_VERIFYREQUEST']._serialized_start=1080
-  _globals['_VERIFYREQUEST']._serialized_end=1175
-  _globals['_CANDIDATERESULT']._serialized_start=1177
-  _globals['_CANDIDATERESULT']._serialized_end=1281
-  _globals['_VERIFYRESPONSE']._serialized_start=1284
-  _globals['_VERIFYRESPONSE']._serialized_end=1720
-  _globals['_CLOSESESSIONREQUEST']._serialized_start=1722
-  _globals['_CLOSESESSIONREQUEST']._serialized_end=1763
-  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1765
-  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1803
-  _globals['_TARGETSERVICE']._serialized_start=1806
-  _globals['_TARGETSERVICE']._serialized_end=2193
+  _globals['_OPENSESSIONREQUEST']._serialized_end=848
+  _globals['_OPENSESSIONRESPONSE']._serialized_start=851
+  _globals['_OPENSESSIONRESPONSE']._serialized_end=1000
+  _globals['_SPARSEDISTRIBUTION']._serialized_start=1002
+  _globals['_SPARSEDISTRIBUTION']._serialized_end=1056
+  _globals['_CANDIDATETREE']._serialized_start=1058
+  _globals['_CANDIDATETREE']._serialized_end=1163
+  _globals['_VERIFYREQUEST']._serialized_start=1165
+  _globals['_VERIFYREQUEST']._serialized_end=1260
+  _globals['_CANDIDATERESULT']._serialized_start=1262
+  _globals['_CANDIDATERESULT']._serialized_end=1366
+  _globals['_VERIFYRESPONSE']._serialized_start=1369
+  _globals['_VERIFYRESPONSE']._serialized_end=1805
+  _globals['_CLOSESESSIONREQUEST']._serialized_start=1807
+  _globals['_CLOSESESSIONREQUEST']._serialized_end=1848
+  _globals['_CLOSESESSIONRESPONSE']._serialized_start=1850
+  _globals['_CLOSESESSIONRESPONSE']._serialized_end=1888
+  _globals['_TARGETSERVICE']._serialized_start=1891
+  _globals['_TARGETSERVICE']._serialized_end=2278
 # @@protoc_insertion_point(module_scope)

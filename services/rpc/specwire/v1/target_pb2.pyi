@@ -65,30 +65,34 @@ class StrategyParams(_message.Message):
     def __init__(self, threshold: _Optional[float] = ..., epsilon: _Optional[float] = ..., alpha: _Optional[float] = ..., top_k: _Optional[int] = ...) -> None: ...
 
 class OpenSessionRequest(_message.Message):
-    __slots__ = ("prompt_token_ids", "tokenizer_fingerprint", "strategy", "sampling", "strategy_params", "resume_pending_token_id")
+    __slots__ = ("prompt_token_ids", "tokenizer_fingerprint", "strategy", "sampling", "strategy_params", "resume_pending_token_id", "ignores_advice")
     PROMPT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZER_FINGERPRINT_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
     STRATEGY_PARAMS_FIELD_NUMBER: _ClassVar[int]
     RESUME_PENDING_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    IGNORES_ADVICE_FIELD_NUMBER: _ClassVar[int]
     prompt_token_ids: _containers.RepeatedScalarFieldContainer[int]
     tokenizer_fingerprint: str
     strategy: str
     sampling: SamplingParams
     strategy_params: StrategyParams
     resume_pending_token_id: int
-    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., strategy: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., strategy_params: _Optional[_Union[StrategyParams, _Mapping]] = ..., resume_pending_token_id: _Optional[int] = ...) -> None: ...
+    ignores_advice: bool
+    def __init__(self, prompt_token_ids: _Optional[_Iterable[int]] = ..., tokenizer_fingerprint: _Optional[str] = ..., strategy: _Optional[str] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ..., strategy_params: _Optional[_Union[StrategyParams, _Mapping]] = ..., resume_pending_token_id: _Optional[int] = ..., ignores_advice: _Optional[bool] = ...) -> None: ...
 
 class OpenSessionResponse(_message.Message):
-    __slots__ = ("session_id", "first_token_id", "context_length")
+    __slots__ = ("session_id", "first_token_id", "context_length", "advised_draft_tokens")
     SESSION_ID_FIELD_NUMBER: _ClassVar[int]
     FIRST_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
     CONTEXT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ADVISED_DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     session_id: str
     first_token_id: int
     context_length: int
-    def __init__(self, session_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., context_length: _Optional[int] = ...) -> None: ...
+    advised_draft_tokens: int
+    def __init__(self, session_id: _Optional[str] = ..., first_token_id: _Optional[int] = ..., context_length: _Optional[int] = ..., advised_draft_tokens: _Optional[int] = ...) -> None: ...
 
 class SparseDistribution(_message.Message):
     __slots__ = ("token_ids", "probs")
