@@ -28,6 +28,7 @@ ACTIVE_WINDOW_S = 1.0  # a session counts as verifying when its last round ended
 # within two of its rounds' usual spacing, when rounds take longer)
 CAPS: tuple[int | None, ...] = (0, 2, None)  # the draft lengths tried: plain rounds, short drafts, no cap
 ALPHA = 0.3  # weight of a new epoch's goodput
+ROUNDS_PER_EPOCH = 6  # an epoch lasts at least this many of a session's rounds
 PAUSE_FACTOR = 1.5  # an epoch this much longer than planned had a pause in it: not booked
 MAX_PROBE_GAP = 64  # epochs between probes at most, after probes kept losing
 
@@ -59,7 +60,7 @@ class DraftAdvisor:
                 self.cycle_s += (0.1 if self.cycle_s else 1.0) * (now - answered - self.cycle_s)
             self._last_answer[session_id] = now
             self.epoch_tokens += committed
-            if now - self.epoch_start >= self.epoch_s:
+            if now - self.epoch_start >= self._epoch_length():
                 self._end_epoch(now)
 
     def forget(self, session_id: str) -> None:
@@ -72,13 +73,19 @@ class DraftAdvisor:
         with self._lock:
             return self.cap if self.epoch_load > 1 or self._active(self.clock()) > 1 else None
 
+    def _epoch_length(self) -> float:
+        """`epoch_s`, or longer where rounds are slow: an epoch of a few rounds per session measures
+        mostly where its boundaries fell (a long round answered just after one began counts
+        whole), and a cap's rounds must outnumber those the previous cap left in flight."""
+        return max(self.epoch_s, ROUNDS_PER_EPOCH * self.cycle_s)
+
     def _active(self, now: float) -> int:
         window = max(ACTIVE_WINDOW_S, 2 * self.cycle_s)
         return sum(1 for t in self._last_answer.values() if now - t < window)
 
     def _end_epoch(self, now: float) -> None:
         """Book the epoch's goodput under its load and cap, and choose the next epoch's cap."""
-        if self.epoch_load > 1 and now - self.epoch_start < PAUSE_FACTOR * self.epoch_s:  # (not across a pause)
+        if self.epoch_load > 1 and now - self.epoch_start < PAUSE_FACTOR * self._epoch_length():  # (no pause in it)
             key = (self.epoch_load, self.cap)
             goodput = self.epoch_tokens / (now - self.epoch_start)
             self.goodput[key] = goodput if key not in self.goodput else (
