@@ -71,7 +71,7 @@ class TargetConfig(NodeConfig):
         32, ge=1, description="verify rounds (and prompt chunks) of different sessions run in one forward"
     )
     batch_wait_ms: float = Field(
-        2.0, ge=0, description="fp32 weights: how long a verify waits for others to batch with (gguf: never waits)"
+        2.0, ge=0, description="fp32 weights: how long a verify waits for others to batch with (gguf: only for rounds due back within half a forward, measured)"
     )
     pad_verify_rows: int = Field(
         1,

@@ -6,6 +6,7 @@ import threading
 import time
 from dataclasses import dataclass
 
+import pytest
 import torch
 
 from services.forward_loop import ForwardLoop
@@ -86,23 +87,15 @@ def alternate(loop: ForwardLoop, rounds: int) -> None:
         thread.join()
 
 
-def test_two_sessions_out_of_phase_end_up_in_one_forward(monkeypatch):
+@pytest.mark.parametrize("wait", [True, False], ids=["waiting", "not waiting"])
+def test_two_sessions_out_of_phase_end_up_in_one_forward(monkeypatch, wait):
+    """Not waiting is the failure the forecast is for: each session alone in every other forward."""
+    if not wait:
+        monkeypatch.setattr("services.round_forecast.WAIT_FRACTION", 0.0)
     loop: ForwardLoop = ForwardLoop(SlowDecoder, "test-loop")
     try:
         alternate(loop, 20)
         late = loop.decoder.batches[len(loop.decoder.batches) // 2 :]
-        assert late.count(2) >= 0.8 * len(late), loop.decoder.batches
-    finally:
-        loop.stop()
-
-
-def test_without_the_wait_they_alternate(monkeypatch):
-    """The failure the forecast is for: each session alone in every other forward."""
-    monkeypatch.setattr("services.round_forecast.WAIT_FRACTION", 0.0)
-    loop: ForwardLoop = ForwardLoop(SlowDecoder, "test-loop")
-    try:
-        alternate(loop, 20)
-        late = loop.decoder.batches[len(loop.decoder.batches) // 2 :]
-        assert late.count(1) >= 0.8 * len(late), loop.decoder.batches
+        assert late.count(2 if wait else 1) >= 0.8 * len(late), loop.decoder.batches
     finally:
         loop.stop()
