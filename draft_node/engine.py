@@ -156,6 +156,7 @@ class DraftEngine:
         # the text of a seeded request depends on the trie shapes (K, N) except under `gumbel`: such
         # a request keeps its K, whatever the load (the target's advice) or the controller say
         fixed = request.HasField("seed") and strategy != "gumbel"
+        follows_advice = not (fixed or request.target_only)  # (target_only drafts nothing anyway)
         controller = self._controller(request, info.limits.max_tree_nodes, fixed=fixed)
         seed = request.seed if request.HasField("seed") else secrets.randbits(63)
         sampling.seed = seed
@@ -167,7 +168,7 @@ class DraftEngine:
             strategy,
             sampling,
             RetryPolicy(deadline_s=self.config.retry_deadline_s),
-            ignores_advice=fixed or request.target_only,  # plain anyway, or its K is its own
+            ignores_advice=not follows_advice,  # told to the target, which then leaves it out of its measurements
         )
         detokenizer = IncrementalDetokenizer(self.tokenizer, request.stop)
         produced = 0
@@ -191,7 +192,7 @@ class DraftEngine:
                 max_tokens - produced,
                 info.limits.max_context_tokens,
                 pipeline=self.pipelining,
-                follow_advice=not fixed,
+                follow_advice=follows_advice,
                 first_advice=session.advised_draft_tokens,
             )
             with closing(rounds):  # stopping early (EOS, stop string, cancel) also ends the loop's worker
