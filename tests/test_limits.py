@@ -3,6 +3,7 @@ round, and property-based checks that no VerifyRequest can crash the verifier or
 
 from __future__ import annotations
 
+import threading
 import time
 
 import grpc
@@ -59,7 +60,14 @@ def test_an_evicted_generation_resumes_with_identical_output(tiny, target_model,
     pair = pair_factory(tiny.draft_noisy, target_verifier=verifier)
     original = verifier.verify
 
+    both_opened = threading.Event()
+
     def between_rounds(request, *owner):  # both generations stay open, idle most of the time
+        # no round is answered before both generations opened: otherwise, on a slow machine, the
+        # first could finish before the second starts and nothing would ever be evicted
+        if verifier.metrics.sessions_opened._value.get() >= 2:
+            both_opened.set()
+        both_opened.wait(timeout=60)
         time.sleep(0.02)
         return original(request, *owner)
 
