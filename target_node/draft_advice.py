@@ -10,8 +10,8 @@ verifies, time is cut into epochs, each with one draft-length cap sent to every 
 answers (0: plain rounds; None: no cap, the draft's own rule), and each epoch's total goodput
 (committed tokens a second, all sessions together) is kept per cap and per load (sessions
 verifying, in powers of two). A load not seen yet starts from the cap that was best at the nearest
-load measured (plain rounds when none was: never slower than the target decoding plainly), then
-climbs: the caps beside the best so far get an epoch each until the best has no untried
+load measured (plain rounds above every load measured: never slower than the target decoding
+plainly), then climbs: the caps beside the best so far get an epoch each until the best has no untried
 neighbour; after that the best is used and every `probe_every`-th epoch re-measures a neighbour,
 so the choice follows changes. Exploring costs (every epoch on a worse cap is lost goodput), so
 a cap gets one epoch, not a sample, and caps past one that lost are not tried. A session alone
@@ -49,6 +49,7 @@ class DraftAdvisor:
         self._next_probe: dict[int, int] = {}  # load -> the epoch of its next probe
         self._probing = False  # the current epoch re-measures a cap that was not the best
         self._last_answer: dict[str, float] = {}  # session -> when its last round was answered
+        self._leaving: list[float] = []  # when sessions closed that no new session has replaced yet
         self._lock = threading.Lock()
 
     def record_round(self, session_id: str, committed: int) -> None:
@@ -58,14 +59,12 @@ class DraftAdvisor:
             answered = self._last_answer.get(session_id)
             if answered is not None:
                 self.cycle_s += (0.1 if self.cycle_s else 1.0) * (now - answered - self.cycle_s)
+            elif self._leaving:  # a new session: it takes the place of the earliest one that left
+                self._leaving.pop(0)
             self._last_answer[session_id] = now
             self.epoch_tokens += committed
             if now - self.epoch_start >= self._epoch_length():
                 self._end_epoch(now)
-
-    def forget(self, session_id: str) -> None:
-        with self._lock:
-            self._last_answer.pop(session_id, None)
 
     def advise(self) -> int | None:
         """The cap of the current epoch while more than one session verifies, or did when the epoch
@@ -79,9 +78,21 @@ class DraftAdvisor:
         whole), and a cap's rounds must outnumber those the previous cap left in flight."""
         return max(self.epoch_s, ROUNDS_PER_EPOCH * self.cycle_s)
 
+    def closed(self, session_id: str) -> None:
+        """The session ended. Its client is likely between two requests: until the next session
+        starts verifying, or the window passes, it still counts, so that the others are not
+        thought alone meanwhile (a full-length draft then would cost a long verify at the load just
+        measured)."""
+        with self._lock:
+            if self._last_answer.pop(session_id, None) is not None:
+                self._leaving.append(self.clock())
+
     def _active(self, now: float) -> int:
+        """Sessions answered within the window, and sessions that closed within it and have no
+        successor yet."""
         window = max(ACTIVE_WINDOW_S, 2 * self.cycle_s)
-        return sum(1 for t in self._last_answer.values() if now - t < window)
+        recent = [t for t in self._last_answer.values() if now - t < window]
+        return len(recent) + sum(1 for t in self._leaving if now - t < window)
 
     def _end_epoch(self, now: float) -> None:
         """Book the epoch's goodput under its load and cap, and choose the next epoch's cap."""
@@ -94,6 +105,7 @@ class DraftAdvisor:
             if self._probing:
                 self._schedule_probe(self.epoch_load, lost=self._best(self.epoch_load) != self.cap)
         self._probing = False
+        self._leaving = [t for t in self._leaving if now - t < self._epoch_length()]
         active = self._active(now)
         load = 1 << (active - 1).bit_length() if active > 1 else active  # 2, 4, 8, ...
         self.epoch_count += 1
@@ -137,8 +149,9 @@ class DraftAdvisor:
         self._next_probe[load] = self.epoch_count + gap
 
     def _nearest_best(self, load: int) -> int | None:
-        """The best cap at the measured load nearest to `load` (plain rounds when none is measured)."""
-        loads = {measured for measured, _ in self.goodput}
-        if not loads:
-            return CAPS[0]
-        return self._best(min(loads, key=lambda measured: (abs(measured.bit_length() - load.bit_length()), measured)))
+        """The best cap at the nearest higher load measured (speculation pays at least as much with
+        fewer sessions); plain rounds above every load measured, from where `_choose` climbs no
+        further than the best below (a load's first epoch on a cap that lost would cost seconds
+        of goodput, and speculation pays less as load grows)."""
+        higher = [measured for measured, _ in self.goodput if measured > load]
+        return self._best(min(higher)) if higher else CAPS[0]

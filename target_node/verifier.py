@@ -83,7 +83,7 @@ class Verifier:
     def _on_session_removed(self, session: Session, reason: str) -> None:
         self.backend.close(session)
         if self.advisor is not None:
-            self.advisor.forget(session.session_id)
+            self.advisor.closed(session.session_id)
         self.metrics.sessions_removed.labels(reason).inc()
 
     def info(self) -> target_pb2.InfoResponse:

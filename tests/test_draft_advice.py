@@ -38,6 +38,20 @@ def test_no_advice_for_a_session_alone():
     assert set(simulate(advisor, clock, 1, lambda cap: 10.0, 30)) == {None}
 
 
+def test_one_client_s_requests_one_after_another_stay_alone():
+    """A closed session counts until its client's next one starts verifying, not beside it."""
+    clock = Clock()
+    advisor = DraftAdvisor(clock=clock)
+    simulate(advisor, clock, 1, lambda cap: 10.0, 10)
+    advisor.closed("s0")
+    clock.now += 0.2
+    assert advisor.advise() is None  # (the next session is opened)
+    for _ in range(30):
+        clock.now += 0.4
+        advisor.record_round("next", 4)
+        assert advisor.advise() is None
+
+
 def test_under_load_plain_rounds_win_when_they_give_more_tokens():
     """Two sessions on one machine: speculating 9 tok/s in total, plain rounds 15 (as measured by
     `make bench-capacity` before the advice): the advice settles on 0, re-probing now and then."""
@@ -103,13 +117,17 @@ def test_a_new_load_climbs_to_the_full_draft_where_each_step_gains():
     assert advice[-200:].count(None) > 0.6 * 200
 
 
-def test_a_new_load_starts_from_the_best_at_the_nearest_load():
+def test_a_higher_load_starts_from_plain_rounds_and_a_lower_one_from_the_best_above_it():
     clock = Clock()
     advisor = DraftAdvisor(clock=clock)
     rates = {None: 30.0, 0: 15.0, 2: 22.0}
-    simulate(advisor, clock, 2, lambda cap: rates[cap], 60)
-    assert advisor._choose(4) is None  # speculation won at 2 sessions: 4 start from it
-    assert advisor._choose(8) is None
+    simulate(advisor, clock, 4, lambda cap: rates[cap], 60)
+    assert advisor._best(4) is None
+    assert advisor._choose(8) == 0  # never measured above 4: plain rounds first, then a climb
+    assert advisor._choose(16) == 0
+    assert advisor._choose(2) is None  # speculation won at 4 sessions: it wins at 2 too
+    simulate(advisor, clock, 8, lambda cap: rates[cap], 120)
+    assert advisor._best(8) is None  # climbed to it
 
 
 def test_an_epoch_across_a_pause_is_not_booked():
@@ -124,18 +142,40 @@ def test_an_epoch_across_a_pause_is_not_booked():
     assert advisor.goodput == booked
 
 
-def test_the_advice_holds_through_the_epoch_when_a_session_leaves_between_requests():
+def test_the_advice_holds_through_the_epoch_when_a_session_leaves_between_requests(target_model):
     """Two clients, each request a new session: while one is between requests the other is alone
-    for a moment, and a full-length draft then would cost a long verify at the load just measured."""
+    for a moment, and a full-length draft then would cost a long verify at the load just measured;
+    so a closed session counts as verifying for a moment, also when an epoch ends meanwhile."""
+    from services.rpc.specwire.v1 import target_pb2
+
+    verifier = build_verifier(TargetConfig(model="tiny"), target_model)
     clock = Clock()
-    advisor = DraftAdvisor(clock=clock)
-    simulate(advisor, clock, 2, lambda cap: 15.0, 10)
-    advisor.forget("s1")  # its request ended; its client's next one has not started
-    clock.now += 0.5
-    assert advisor.advise() is not None
+    advisor = verifier.advisor = DraftAdvisor(clock=clock)
+    opened = [
+        verifier.open_session(
+            target_pb2.OpenSessionRequest(prompt_token_ids=[5, 6, 7], tokenizer_fingerprint=verifier.fingerprint)
+        ).session_id
+        for _ in range(2)
+    ]
+    s0, s1 = opened
+    turn = 0
+    while clock.now < 10 or clock.now + 0.25 < advisor.epoch_start + advisor._epoch_length():
+        clock.now += 0.25
+        advisor.record_round(opened[turn % 2], 4)
+        turn += 1
+    if turn % 2 == 0:
+        advisor.record_round(s0, 4)
+    advisor.record_round(s1, 4)  # s1's request ends just before an epoch does
+    verifier.close_session(s1)
+    for _ in range(5):  # its client's next request has not started; s0 goes on, past the epoch's end
+        clock.now += 0.25
+        advisor.record_round(s0, 4)
+        assert advisor.advise() is not None
+    assert advisor.epoch_load == 2
     clock.now += 10.0  # an epoch later, and still alone: no advice
-    advisor.record_round("s0", 4)
+    advisor.record_round(s0, 4)
     assert advisor.advise() is None
+    verifier.stop()
 
 
 def test_sessions_that_ignore_the_advice_are_left_out_of_its_measurements(tiny, target_model, pair_factory):

@@ -14,6 +14,8 @@ from services.token_noise import Stream, TokenNoise
 
 
 class Proposer(Protocol):
+    prefills_context: bool  # drafting after a context it has not seen costs a prefill of what it missed
+
     def propose(self, context: list[int], k: int, n: int) -> CandidateTree:
         """Up to `n` candidates of up to `k` tokens after `context` (prompt + everything committed)."""
         ...

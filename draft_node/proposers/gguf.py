@@ -48,6 +48,8 @@ class GGUFProposer:
     longest prompt prefix in `prefix_cache`. The decoder computes each row alone, so the chain
     depends on the context only, not on cache hits or batching."""
 
+    prefills_context = True
+
     def __init__(
         self,
         loop: ForwardLoop,

@@ -30,6 +30,8 @@ class HFProposer:
     linears compute each row alone (more rows would take the int8 prefill kernel, which quantizes
     all rows with one scale)."""
 
+    prefills_context = True
+
     def __init__(
         self,
         model: PreTrainedModel,

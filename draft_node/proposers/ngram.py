@@ -11,6 +11,8 @@ from services.candidate_tree import CandidateTree
 
 
 class NgramProposer:
+    prefills_context = False
+
     def __init__(self, n_min: int = 1, n_max: int = 4) -> None:
         self.n_min, self.n_max = n_min, n_max
 

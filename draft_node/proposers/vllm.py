@@ -51,6 +51,8 @@ def sparse_q(logprobs: dict, exclude: set[int]) -> SparseProbs:
 
 
 class VllmProposer:
+    prefills_context = True
+
     def __init__(
         self, model: VllmDraftModel, sampling: target_pb2.SamplingParams, noise: DraftNoise
     ) -> None:
