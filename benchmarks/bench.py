@@ -17,8 +17,10 @@ with the nodes' linear kernels (`--small-row-linear`). Runs
 never overlap each other. With one request at a time (`--concurrency 1`, the default) they take
 turns sample by sample: every run generates sample 1, then every run sample 2, and so on, so a
 machine whose speed drifts over minutes (a shared VM) slows every run alike instead of the one
-that happened to be running (`--no-interleave`: each run's samples in one block). Writes
-report.json, report.md, speedup.png and acceptance_by_position.png to --out-dir.
+that happened to be running (`--no-interleave`: each run's samples in one block). A specwire row
+drafts the K it is labelled with also with `--concurrency` above 1: its target runs without the load
+advice (`--no-draft-advice`, which caps K under load; `benchmarks/load.py --capacity` measures
+that). Writes report.json, report.md, speedup.png and acceptance_by_position.png to --out-dir.
 """
 
 from __future__ import annotations
@@ -225,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
         target_args = [
             "--model", args.target_model, "--dtype", args.target_dtype, "--device", args.device,
             "--small-row-linear", args.small_row_linear, "--prefix-cache-mb", str(args.prefix_cache_mb),
+            "--no-draft-advice",
         ]  # fmt: skip
         pair = stack.enter_context(local_pair(target_args, draft_args, logs=args.out_dir / "logs"))
         args.draft = pair.draft

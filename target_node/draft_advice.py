@@ -10,7 +10,7 @@ verifies, time is cut into epochs, each with one draft-length cap sent to every 
 answers (0: plain rounds; None: no cap, the draft's own rule), and each epoch's total goodput
 (committed tokens a second, all sessions together) is kept per cap and per load (sessions
 verifying, in powers of two). A load not seen yet starts from the cap that was best at the nearest
-load measured (plain rounds above every load measured: never slower than the target decoding
+higher load measured (plain rounds above every load measured: never slower than the target decoding
 plainly), then climbs: the caps beside the best so far get an epoch each until the best has no untried
 neighbour; after that the best is used and every `probe_every`-th epoch re-measures a neighbour,
 so the choice follows changes. Exploring costs (every epoch on a worse cap is lost goodput), so
@@ -84,15 +84,19 @@ class DraftAdvisor:
         thought alone meanwhile (a full-length draft then would cost a long verify at the load just
         measured)."""
         with self._lock:
-            if self._last_answer.pop(session_id, None) is not None:
-                self._leaving.append(self.clock())
+            now, answered = self.clock(), self._last_answer.pop(session_id, None)
+            if answered is not None and now - answered < self._window():  # (not one that sat idle)
+                self._leaving.append(now)
 
     def _active(self, now: float) -> int:
         """Sessions answered within the window, and sessions that closed within it and have no
         successor yet."""
-        window = max(ACTIVE_WINDOW_S, 2 * self.cycle_s)
+        window = self._window()
         recent = [t for t in self._last_answer.values() if now - t < window]
         return len(recent) + sum(1 for t in self._leaving if now - t < window)
+
+    def _window(self) -> float:
+        return max(ACTIVE_WINDOW_S, 2 * self.cycle_s)
 
     def _end_epoch(self, now: float) -> None:
         """Book the epoch's goodput under its load and cap, and choose the next epoch's cap."""
@@ -119,7 +123,7 @@ class DraftAdvisor:
         and a draft back from plain rounds first prefills its whole context). Then the best, with
         a neighbour re-measured now and then: less often while such probes keep losing."""
         if not self._measured(load):
-            return self._nearest_best(load)
+            return self._first_cap(load)
         best = self._best(load)
         at = CAPS.index(best)
         neighbours = [CAPS[i] for i in (at - 1, at + 1) if 0 <= i < len(CAPS)]
@@ -148,7 +152,7 @@ class DraftAdvisor:
         self._probe_gap[load] = gap
         self._next_probe[load] = self.epoch_count + gap
 
-    def _nearest_best(self, load: int) -> int | None:
+    def _first_cap(self, load: int) -> int | None:
         """The best cap at the nearest higher load measured (speculation pays at least as much with
         fewer sessions); plain rounds above every load measured, from where `_choose` climbs no
         further than the best below (a load's first epoch on a cap that lost would cost seconds

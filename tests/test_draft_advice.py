@@ -95,6 +95,19 @@ def test_the_draft_follows_the_advice_and_the_output_stays_identical(tiny, targe
     assert sizes.count(0) == len(sizes) and len(sizes) >= 18
 
 
+def test_a_session_closed_after_sitting_idle_does_not_count():
+    """The idle timeout closing a session whose client left long ago adds no one."""
+    clock = Clock()
+    advisor = DraftAdvisor(clock=clock)
+    simulate(advisor, clock, 1, lambda cap: 10.0, 10)
+    advisor.record_round("idle", 4)  # one round, then its client goes quiet
+    for _ in range(20):
+        clock.now += 0.4
+        advisor.record_round("s0", 4)
+    advisor.closed("idle")
+    assert advisor._active(clock.now) == 1
+
+
 def test_a_new_load_starts_from_plain_rounds_and_climbs_no_further_than_a_cap_that_lost():
     """Exploring costs goodput: a load never seen starts from plain rounds (never slower than the
     target decoding plainly), gives the next cap one epoch, and, as that one lost, never tries a
