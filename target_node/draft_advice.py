@@ -9,13 +9,14 @@ where the drafts run, so the target measures it rather than model it: while more
 verifies, time is cut into epochs, each with one draft-length cap sent to every draft with its
 answers (0: plain rounds; None: no cap, the draft's own rule), and each epoch's total goodput
 (committed tokens a second, all sessions together) is kept per cap and per load (sessions
-verifying, in powers of two). A load not seen yet starts from the cap that was best at the nearest
-higher load measured (plain rounds above every load measured: never slower than the target decoding
-plainly), then climbs: the caps beside the best so far get an epoch each until the best has no untried
-neighbour; after that the best is used and every `probe_every`-th epoch re-measures a neighbour,
-so the choice follows changes. Exploring costs (every epoch on a worse cap is lost goodput), so
-a cap gets one epoch, not a sample, and caps past one that lost are not tried. A session alone
-gets no advice.
+verifying from when they open, in powers of two). A load not seen yet starts from the cap that was
+best at the nearest higher load measured (plain rounds above every load measured: never slower than
+the target decoding plainly), then climbs: the caps beside the best so far get an epoch each until
+the best has no untried neighbour; after that the best is used and every `probe_every`-th epoch
+re-measures a neighbour, so the choice follows changes. Exploring costs (every epoch on a worse cap
+is lost goodput), so a cap gets one epoch, not a sample, caps past one that lost are not tried,
+none above the best at a lower load is tried at all, and a longer cap must beat the shorter one by
+a margin to be the best. A session alone gets no advice.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ ALPHA = 0.3  # weight of a new epoch's goodput
 ROUNDS_PER_EPOCH = 6  # an epoch lasts at least this many of a session's rounds
 PAUSE_FACTOR = 1.5  # an epoch this much longer than planned had a pause in it: not booked
 MAX_PROBE_GAP = 64  # epochs between probes at most, after probes kept losing
+STEP_MARGIN = 0.1  # a cap must give this much more goodput than the next shorter one to be the best
 
 
 class DraftAdvisor:
@@ -50,6 +52,7 @@ class DraftAdvisor:
         self._probing = False  # the current epoch re-measures a cap that was not the best
         self._last_answer: dict[str, float] = {}  # session -> when its last round was answered
         self._leaving: list[float] = []  # when sessions closed that no new session has replaced yet
+        self._opened: dict[str, float] = {}  # sessions opened that have no round answered yet
         self._lock = threading.Lock()
 
     def record_round(self, session_id: str, committed: int) -> None:
@@ -59,12 +62,27 @@ class DraftAdvisor:
             answered = self._last_answer.get(session_id)
             if answered is not None:
                 self.cycle_s += (0.1 if self.cycle_s else 1.0) * (now - answered - self.cycle_s)
-            elif self._leaving:  # a new session: it takes the place of the earliest one that left
+            elif self._opened.pop(session_id, None) is None and self._leaving:  # (one not announced by `opened`)
                 self._leaving.pop(0)
             self._last_answer[session_id] = now
             self.epoch_tokens += committed
             if now - self.epoch_start >= self._epoch_length():
                 self._end_epoch(now)
+
+    def opened(self, session_id: str) -> None:
+        """A session opened: it counts as verifying from now on, so that clients arriving together
+        are not each thought alone (each would draft a full chain at a load that makes it cost
+        seconds), and it takes the place of a session that left. An epoch that has gone stale
+        (nobody verified), or whose load the arrivals outgrow, starts anew, unbooked, at the
+        load of now."""
+        with self._lock:
+            now = self.clock()
+            if self._leaving:
+                self._leaving.pop(0)
+            self._opened[session_id] = now
+            stale = now - self.epoch_start >= PAUSE_FACTOR * self._epoch_length()
+            if stale or _bucket(self._active(now)) > self.epoch_load:
+                self._start_epoch(now)
 
     def advise(self) -> int | None:
         """The cap of the current epoch while more than one session verifies, or did when the epoch
@@ -85,15 +103,16 @@ class DraftAdvisor:
         measured)."""
         with self._lock:
             now, answered = self.clock(), self._last_answer.pop(session_id, None)
+            self._opened.pop(session_id, None)
             if answered is not None and now - answered < self._window():  # (not one that sat idle)
                 self._leaving.append(now)
 
     def _active(self, now: float) -> int:
-        """Sessions answered within the window, and sessions that closed within it and have no
-        successor yet."""
+        """Sessions answered within the window, sessions opened and not answered yet, and sessions
+        that closed within the window and have no successor yet."""
         window = self._window()
         recent = [t for t in self._last_answer.values() if now - t < window]
-        return len(recent) + sum(1 for t in self._leaving if now - t < window)
+        return len(recent) + len(self._opened) + sum(1 for t in self._leaving if now - t < window)
 
     def _window(self) -> float:
         return max(ACTIVE_WINDOW_S, 2 * self.cycle_s)
@@ -108,29 +127,32 @@ class DraftAdvisor:
             )
             if self._probing:
                 self._schedule_probe(self.epoch_load, lost=self._best(self.epoch_load) != self.cap)
+        self._start_epoch(now)
+
+    def _start_epoch(self, now: float) -> None:
+        """A new epoch at the load of now, with the cap chosen for it."""
         self._probing = False
         self._leaving = [t for t in self._leaving if now - t < self._epoch_length()]
-        active = self._active(now)
-        load = 1 << (active - 1).bit_length() if active > 1 else active  # 2, 4, 8, ...
+        load = _bucket(self._active(now))
         self.epoch_count += 1
         self.cap = self._choose(load)
         self.epoch_start, self.epoch_tokens, self.epoch_load = now, 0, load
 
     def _choose(self, load: int) -> int | None:
         """Climb: tokens a second rise with the draft length up to a peak and fall past it, so only
-        the caps beside the best so far are tried, and none above the best at a lower load
-        (speculation pays less as load grows; a full draft at load can cost seconds of an epoch,
-        and a draft back from plain rounds first prefills its whole context). Then the best, with
-        a neighbour re-measured now and then: less often while such probes keep losing."""
+        the caps beside the best so far are tried, and none above the best at a lower load, not
+        even as a probe (speculation pays less as load grows; a draft back from plain rounds first
+        prefills every token it missed, so at load an epoch of cap 2 after plain ones measured
+        0.25-0.5x their goodput on the 2-core VM). Then the best, with a neighbour re-measured now
+        and then: less often while such probes keep losing."""
         if not self._measured(load):
             return self._first_cap(load)
         best = self._best(load)
-        at = CAPS.index(best)
-        neighbours = [CAPS[i] for i in (at - 1, at + 1) if 0 <= i < len(CAPS)]
-        ceiling = self._ceiling(load)
-        if untried := [cap for cap in neighbours if (load, cap) not in self.goodput and CAPS.index(cap) <= ceiling]:
+        at, ceiling = CAPS.index(best), self._ceiling(load)
+        neighbours = [CAPS[i] for i in (at - 1, at + 1) if 0 <= i < len(CAPS) and (i < at or i <= ceiling)]
+        if untried := [cap for cap in neighbours if (load, cap) not in self.goodput]:
             return untried[0]
-        if self.epoch_count >= self._next_probe.setdefault(load, self.epoch_count + self.probe_every):
+        if neighbours and self.epoch_count >= self._next_probe.setdefault(load, self.epoch_count + self.probe_every):
             self._probing = True
             return neighbours[self.epoch_count % len(neighbours)]
         return best
@@ -139,8 +161,12 @@ class DraftAdvisor:
         return [cap for cap in CAPS if (load, cap) in self.goodput]
 
     def _best(self, load: int) -> int | None:
-        """The cap of the most goodput at `load` (one at least measured there)."""
-        return max(self._measured(load), key=lambda cap: self.goodput[(load, cap)])
+        """The cap of the most goodput at `load` (one at least measured there), where each step up
+        in draft length must win by `STEP_MARGIN`: goodput swings 2x between 2-second epochs on a
+        busy machine, and a longer draft that only seemed to win costs more than a shorter one
+        that did (at two clients on the 2-core VM a noise win of cap 2 over plain rounds led to an
+        epoch of full drafts at 0.56x plain's goodput)."""
+        return max(self._measured(load), key=lambda cap: self.goodput[(load, cap)] / (1 + STEP_MARGIN) ** CAPS.index(cap))
 
     def _ceiling(self, load: int) -> int:
         """Index in CAPS of the best cap at the nearest lower load measured (the last when none)."""
@@ -159,3 +185,8 @@ class DraftAdvisor:
         of goodput, and speculation pays less as load grows)."""
         higher = [measured for measured, _ in self.goodput if measured > load]
         return self._best(min(higher)) if higher else CAPS[0]
+
+
+def _bucket(sessions: int) -> int:
+    """The load an epoch is booked under: sessions verifying, rounded up to a power of two."""
+    return 1 << (sessions - 1).bit_length() if sessions > 1 else sessions

@@ -155,6 +155,8 @@ class Verifier:
             self.sessions.add(session)
         self.sessions.evict_over_budget(keep=session)
         self.metrics.sessions_opened.inc()
+        if self.advisor is not None and session.follows_advice:
+            self.advisor.opened(session.session_id)
         return target_pb2.OpenSessionResponse(
             session_id=session.session_id,
             first_token_id=session.pending_token,
