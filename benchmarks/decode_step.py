@@ -42,15 +42,18 @@ def read_bandwidth_gb_s(gib: int = 1, repeats: int = 7) -> float:
     return round(buffer.nbytes / statistics.median(times) / 1e9, 2)
 
 
-def forward_ms(decoder: GGUFDecoder, rows: int, context: int, repeats: int) -> float:
-    cache = decoder.new_cache()
-    decoder.forward([Rows(cache, list(range(100, 100 + context)), all_logits=False)])
+def forward_ms(decoder: GGUFDecoder, rows: int, context: int, repeats: int, sequences: int = 1) -> float:
+    """Median time of one forward of `rows` new rows in each of `sequences` sequences of `context` tokens."""
+    caches = [decoder.new_cache() for _ in range(sequences)]
+    for cache in caches:
+        decoder.forward([Rows(cache, list(range(100, 100 + context)), all_logits=False)])
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
-        decoder.forward([Rows(cache, list(range(200, 200 + rows)))])
+        decoder.forward([Rows(cache, list(range(200, 200 + rows))) for cache in caches])
         times.append(time.perf_counter() - start)
-        cache.truncate(context)
+        for cache in caches:
+            cache.truncate(context)
     return round(statistics.median(times) * 1e3, 2)
 
 

@@ -69,6 +69,15 @@ def test_report_maths():
     assert acceptance_by_position(rounds) == [2 / 3, 1 / 3, 1 / 2]
 
 
+def test_speedup_bound_maths():
+    from benchmarks.speedup_bounds import best_speculation, committed_per_round
+
+    assert committed_per_round([0.5, 0.5], 2) == 1.75 and committed_per_round([1.0, 1.0], 0) == 1.0
+    # two clients; K=2 commits no more than K=1 (position 2 never accepted) and costs a draft step more
+    best = best_speculation([1.0, 0.0], draft_ms=10.0, verify_ms={1: 100.0, 2: 110.0}, sequences=2)
+    assert (best["k"], best["tokens_per_round"], best["round_ms"]) == (1, 4.0, 110.0)
+
+
 def test_interleaved_runs_take_turns_sample_by_sample():
     """A drifting machine must slow every run alike: each sample goes through every run before the next."""
     calls = []
