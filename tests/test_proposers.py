@@ -131,8 +131,45 @@ def test_hf_chain_stops_once_the_whole_chain_is_unlikely(tiny):
     assert stopped.token_ids == full.token_ids[: end + 1]
 
 
+def test_hf_chain_ends_when_stopped(tiny):
+    """A stopped chain (a draft-ahead the target's answer proved wrong) ends after its current token."""
+    from threading import Event
+
+    model = load_model(tiny.draft_noisy).model
+    context = list(range(5, 25))
+    full, _ = full_chain_and_confidence(model, context)
+    stop = Event()
+    stop.set()
+    assert HFProposer(model, ComputeThread()).propose(context, k=6, stop=stop).token_ids == full.token_ids[:1]
+
+
 @pytest.mark.parametrize("early_stop", [{"confidence_threshold": 0.5}, {"min_chain_probability": 0.5}])
 def test_hf_pair_with_early_stops_is_token_identical(tiny, target_model, pair_factory, early_stop):
     chunks = check_pair_greedy(pair_factory(tiny.draft_noisy, **early_stop), target_model, k=6)
     rounds = [c.stats for c in chunks if c.HasField("stats")][:-1]  # the last round may be cut by max_tokens
     assert any(r.drafted_tokens < 6 for r in rounds)  # some chains stopped early
+
+
+def test_gguf_chain_ends_when_stopped_and_the_next_chain_is_unaffected(tiny_gguf):
+    """A stopped chain (a draft-ahead the target's answer proved wrong) ends after its current
+    token, and leaves the proposer's buffer fit for the next round: the same chain as a fresh one."""
+    from pathlib import Path
+    from threading import Event
+
+    from draft_node.proposers.gguf import GGUFProposer
+    from services.forward_loop import ForwardLoop
+    from services.gguf_decoder import GGUFDecoder
+    from services.gguf_file import GGUFFile
+
+    loop = ForwardLoop(lambda: GGUFDecoder(GGUFFile(Path(tiny_gguf.draft_small))), "test-draft")
+    try:
+        context = [5, 80, 33, 120, 7, 250, 11, 42, 9, 300]
+        stop = Event()
+        stop.set()
+        proposer = GGUFProposer(loop)
+        cut = proposer.propose(context, 6, 1, stop)
+        whole = GGUFProposer(loop).propose(context, 6)
+        assert len(whole) == 6 and cut.token_ids == whole.token_ids[:1]
+        assert proposer.propose(context + whole.token_ids[:2], 4).token_ids == whole.token_ids[2:6]
+    finally:
+        loop.stop()

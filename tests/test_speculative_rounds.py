@@ -4,6 +4,9 @@ token and advises from a schedule; the loop under test is the real one."""
 
 from __future__ import annotations
 
+import time
+from threading import Event
+
 import pytest
 
 from draft_node.pipeline_switch import PipelineSwitch
@@ -23,7 +26,7 @@ class ChainProposer:
     def __init__(self) -> None:
         self.asked: list[int] = []
 
-    def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
+    def propose(self, context: list[int], k: int, n: int = 1, stop: Event | None = None) -> CandidateTree:
         self.asked.append(k)
         return CandidateTree.from_sequences([[7] * k] if k else [])
 
@@ -112,3 +115,53 @@ def test_the_controller_and_the_pipeline_switch_hear_only_rounds_that_drafted_th
     assert drafted and len(drafted) < len(outcomes)
     assert controller.heard == [len(o.token_ids) for o in drafted if o.drafted == 4]
     assert sum(s.rounds for s in switch.stats.values()) == len(controller.heard)
+
+
+class SlowChainProposer:
+    """Drafts token 9 (the target never accepts it) one token per 10 ms, hearing `stop`; records
+    each call's K, how many tokens it gave, and whether it drafted ahead (after a guessed 9)."""
+
+    prefills_context = True
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[int, int, bool]] = []
+
+    def propose(self, context: list[int], k: int, n: int = 1, stop: Event | None = None) -> CandidateTree:
+        drafted = 0
+        while drafted < k and not (stop is not None and stop.is_set()):
+            time.sleep(0.01)
+            drafted += 1
+        self.calls.append((k, drafted, context[-1] == 9))
+        return CandidateTree.from_sequences([[9] * drafted] if drafted else [])
+
+
+class RejectingTarget(AcceptingTarget):
+    """Accepts nothing, after 35 ms: every drafted-ahead round is a miss."""
+
+    def verify(self, tree: CandidateTree) -> target_pb2.VerifyResponse:
+        time.sleep(0.035)
+        self.rounds += 1
+        return target_pb2.VerifyResponse(next_token_id=7)
+
+
+class AlwaysPipelined:
+    def use(self) -> bool:
+        return True
+
+    def observe(self, pipelined: bool, committed: int, seconds: float) -> None:
+        pass
+
+
+def test_a_draft_ahead_the_answer_proved_wrong_stops_at_once():
+    """The target rejected the leading path while the next round was being drafted ahead: the
+    chain nothing will use ends at its next token, not after all 6 (the output is the same)."""
+    proposer = SlowChainProposer()
+    controller = RecordingController()
+    controller.choose = lambda: (6, 1)
+    rounds = speculative_rounds(
+        proposer, RejectingTarget([]), [*PROMPT, 7], controller, 20, max_context=1000, pipeline=AlwaysPipelined()
+    )
+    assert [t for o in rounds for t in o.token_ids] == [7] * 20  # the target's own tokens
+    ahead = [(k, drafted) for k, drafted, after_guess in proposer.calls if after_guess and k == 6]
+    assert len(ahead) >= 5 and all(drafted < k for k, drafted in ahead)
+    assert sum(k for k, _ in ahead) >= 2 * sum(drafted for _, drafted in ahead)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from threading import Event
 from typing import Protocol
 
 import torch
@@ -16,8 +17,10 @@ from services.token_noise import Stream, TokenNoise
 class Proposer(Protocol):
     prefills_context: bool  # drafting after a context it has not seen costs a prefill of what it missed
 
-    def propose(self, context: list[int], k: int, n: int) -> CandidateTree:
-        """Up to `n` candidates of up to `k` tokens after `context` (prompt + everything committed)."""
+    def propose(self, context: list[int], k: int, n: int, stop: Event | None = None) -> CandidateTree:
+        """Up to `n` candidates of up to `k` tokens after `context` (prompt + everything committed).
+        Once `stop` is set, a proposer that drafts token by token ends with the tokens it has (a
+        draft-ahead whose assumption the target's answer broke: nothing will use it)."""
         ...
 
 

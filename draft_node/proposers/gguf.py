@@ -3,6 +3,8 @@ forward loop, so the draft steps of concurrent generations share each pass over 
 
 from __future__ import annotations
 
+from threading import Event
+
 import torch
 
 from draft_node.proposers.base import ChainRule, DraftNoise
@@ -18,8 +20,10 @@ class ChainJob:
     """Feed what the buffer lacks of the context (in chunks), then one draft token per forward
     until the chain rule stops it or it has `k` tokens."""
 
-    def __init__(self, cache: KVBuffer, context: list[int], k: int, rule: ChainRule, chunk: int) -> None:
-        self.cache, self.context, self.k, self.rule, self.chunk = cache, context, k, rule, chunk
+    def __init__(
+        self, cache: KVBuffer, context: list[int], k: int, rule: ChainRule, chunk: int, stop: Event | None = None
+    ) -> None:
+        self.cache, self.context, self.k, self.rule, self.chunk, self.stop = cache, context, k, rule, chunk, stop
         self.tree = CandidateTree()
         self.result = self.tree
         self.batch_size = 1
@@ -39,7 +43,7 @@ class ChainJob:
         self.tree.token_ids.append(token)
         if q is not None:
             self.tree.draft_probs.append(q)
-        return not more or len(self.tree) == self.k
+        return not more or len(self.tree) == self.k or (self.stop is not None and self.stop.is_set())
 
 
 class GGUFProposer:
@@ -72,7 +76,7 @@ class GGUFProposer:
         self.cache: KVBuffer | None = None
         self.cached_ids: list[int] = []  # tokens whose entries the buffer holds
 
-    def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
+    def propose(self, context: list[int], k: int, n: int = 1, stop: Event | None = None) -> CandidateTree:
         """One chain (this proposer drafts a single candidate; `n` is ignored)."""
         if k <= 0:
             return CandidateTree()
@@ -85,7 +89,7 @@ class GGUFProposer:
         while shared < limit and self.cached_ids[shared] == context[shared]:
             shared += 1
         self.cache.truncate(shared)
-        tree = self.loop.run(ChainJob(self.cache, context, k, self.rule.start(), self.chunk))
+        tree = self.loop.run(ChainJob(self.cache, context, k, self.rule.start(), self.chunk, stop))
         if first_round:
             self.loop.call(lambda: self.prefix_cache.store(context, self.cache))
         self.cached_ids = context + tree.token_ids[:-1]

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from threading import Event
+
 import torch
 from transformers import PreTrainedModel
 from transformers.modeling_outputs import CausalLMOutputWithPast
@@ -75,12 +77,12 @@ class HFProposer:
             logits_to_keep=1,
         )
 
-    def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
+    def propose(self, context: list[int], k: int, n: int = 1, stop: Event | None = None) -> CandidateTree:
         """One chain (this proposer drafts a single candidate; `n` is ignored)."""
-        return self.compute.run(self._propose, context, k)
+        return self.compute.run(self._propose, context, k, stop)
 
     @torch.inference_mode()
-    def _propose(self, context: list[int], k: int) -> CandidateTree:
+    def _propose(self, context: list[int], k: int, stop: Event | None) -> CandidateTree:
         tree = CandidateTree()
         if k <= 0:
             return tree
@@ -108,6 +110,8 @@ class HFProposer:
                 chain_probability *= probability
                 if probability < self.confidence_threshold or chain_probability < self.min_chain_probability:
                     break
+            if stop is not None and stop.is_set():
+                break
             feed = [token]
         self.cached_ids = context + tree.token_ids[:-1]
         return tree

@@ -7,6 +7,8 @@ are deterministic, so they carry no q (point masses for the probabilistic strate
 
 from __future__ import annotations
 
+from threading import Event
+
 from services.candidate_tree import CandidateTree
 
 
@@ -16,7 +18,8 @@ class NgramProposer:
     def __init__(self, n_min: int = 1, n_max: int = 4) -> None:
         self.n_min, self.n_max = n_min, n_max
 
-    def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
+    def propose(self, context: list[int], k: int, n: int = 1, stop: Event | None = None) -> CandidateTree:
+        """Continuations of the context's latest n-gram seen before (`stop`: nothing to cut short)."""
         if k <= 0:
             return CandidateTree()
         for size in range(min(self.n_max, len(context) - 1), self.n_min - 1, -1):

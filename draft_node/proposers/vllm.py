@@ -12,6 +12,7 @@ greedy verification only compares tokens).
 from __future__ import annotations
 
 import math
+from threading import Event
 
 from draft_node.config import DraftConfig
 from draft_node.proposers.base import DraftNoise
@@ -60,7 +61,8 @@ class VllmProposer:
         self.sampling = sampling
         self.noise = noise
 
-    def propose(self, context: list[int], k: int, n: int = 1) -> CandidateTree:
+    def propose(self, context: list[int], k: int, n: int = 1, stop: Event | None = None) -> CandidateTree:
+        """`stop` is not heard: the engine drafts the whole chain in one call."""
         from vllm import SamplingParams
 
         if k <= 0:
