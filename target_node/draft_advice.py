@@ -52,7 +52,7 @@ class DraftAdvisor:
         self._probing = False  # the current epoch re-measures a cap that was not the best
         self._last_answer: dict[str, float] = {}  # session -> when its last round was answered
         self._leaving: list[float] = []  # when sessions closed that no new session has replaced yet
-        self._opened: dict[str, float] = {}  # sessions opened that have no round answered yet
+        self._opened: set[str] = set()  # sessions opened that have no round answered yet
         self._lock = threading.Lock()
 
     def record_round(self, session_id: str, committed: int) -> None:
@@ -62,7 +62,9 @@ class DraftAdvisor:
             answered = self._last_answer.get(session_id)
             if answered is not None:
                 self.cycle_s += (0.1 if self.cycle_s else 1.0) * (now - answered - self.cycle_s)
-            elif self._opened.pop(session_id, None) is None and self._leaving:  # (one not announced by `opened`)
+            elif session_id in self._opened:
+                self._opened.discard(session_id)
+            elif self._leaving:  # a new session `opened` did not announce: it takes the place of one that left
                 self._leaving.pop(0)
             self._last_answer[session_id] = now
             self.epoch_tokens += committed
@@ -79,7 +81,7 @@ class DraftAdvisor:
             now = self.clock()
             if self._leaving:
                 self._leaving.pop(0)
-            self._opened[session_id] = now
+            self._opened.add(session_id)
             stale = now - self.epoch_start >= PAUSE_FACTOR * self._epoch_length()
             if stale or _bucket(self._active(now)) > self.epoch_load:
                 self._start_epoch(now)
@@ -103,7 +105,7 @@ class DraftAdvisor:
         measured)."""
         with self._lock:
             now, answered = self.clock(), self._last_answer.pop(session_id, None)
-            self._opened.pop(session_id, None)
+            self._opened.discard(session_id)
             if answered is not None and now - answered < self._window():  # (not one that sat idle)
                 self._leaving.append(now)
 
