@@ -62,22 +62,26 @@ class DraftAhead:
     n: int
 
 
+def assumption_held(path: list[int], guess: int | None, result: target_pb2.VerifyResponse) -> bool:
+    """Whether an answer bears out a draft-ahead's assumption: the leading path `path` accepted
+    whole, and the next token the guess (None: not guessed yet, so not contradicted)."""
+    return list(result.accepted_node_ids) == path and guess in (None, result.next_token_id)
+
+
 class AheadWatch:
-    """Ends a draft-ahead once the target's answer shows its assumption broken (the leading path
-    not all accepted, or a next token other than the guess): nothing would use the rest of that
-    chain, and with one core per node the round waited for it (0.1-0.2 s a round at K = 8 here)."""
+    """Ends a draft-ahead once the target's answer shows its assumption broken: nothing would use
+    the rest of that chain, and with one core per node the round waited for it (0.1-0.2 s a round
+    at K = 8 here)."""
 
     def __init__(self, tree: CandidateTree) -> None:
         self.path = tree.leading_path()
         self.stop = Event()
         self.guess: int | None = None
-        self._answered = False
-        self._result: target_pb2.VerifyResponse | None = None
+        self._verify: Future | None = None  # set when answered
 
     def answered(self, verify: Future) -> None:
         """The verify's done-callback (a failed verify ends the round anyway)."""
-        self._result = None if verify.exception() is not None else verify.result()
-        self._answered = True
+        self._verify = verify
         self._check()
 
     def guessed(self, token_id: int) -> None:
@@ -85,11 +89,9 @@ class AheadWatch:
         self._check()
 
     def _check(self) -> None:
-        result = self._result
-        if self._answered and (
-            result is None
-            or list(result.accepted_node_ids) != self.path
-            or (self.guess is not None and self.guess != result.next_token_id)
+        verify = self._verify
+        if verify is not None and (
+            verify.exception() is not None or not assumption_held(self.path, self.guess, verify.result())
         ):
             self.stop.set()
 
@@ -124,9 +126,7 @@ def draft_ahead(
 def use_ahead(ahead: DraftAhead, tree: CandidateTree, result: target_pb2.VerifyResponse) -> DraftAhead | None:
     """The drafted-ahead trie if the assumption held: the leading path accepted, the guess right."""
     path = tree.leading_path()
-    if not path or list(result.accepted_node_ids) != path or ahead.context[-1] != result.next_token_id:
-        return None
-    return ahead
+    return ahead if path and assumption_held(path, ahead.context[-1], result) else None
 
 
 def committed_provenance(
